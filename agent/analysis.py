@@ -1,0 +1,351 @@
+"""Stuck-thread tracking, dump planning, signature matching and incidents. Pure: no I/O, no clock.
+
+Every method takes the time from its caller. The key fact it leans on: a thread whose CPU ticks
+and context-switch counts have not moved since its last stack dump has not run, so that stack is
+still its stack. /proc tells us that for microseconds; py-spy is only asked when it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from agent.signatures import Catalog
+from agent.types import (
+    DumpKind,
+    Finding,
+    Incident,
+    ProcSample,
+    StackSnapshot,
+    ThreadActivity,
+    ThreadReport,
+    ThreadStack,
+    ThreadState,
+    WorkerRef,
+    WorkerReport,
+    WorkerState,
+)
+
+# Which gunicorn worker class a worker runs, from its main thread's frames.
+_WORKER_KIND = re.compile(
+    r"gunicorn/workers/(gthread|sync|ggevent|geventlet|gtornado|base_async)\.py$"
+)
+# A frame of gunicorn handing a request to the app: the thread serves requests.
+_HANDLES_REQUEST = re.compile(r"(^|\.)handle(_request)?$")
+_POOL_WORKER = re.compile(r"(^|\.)_worker$")
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """The timing knobs of tracking; validated by agent.config."""
+
+    stuck_after: float = 10.0  # no progress for this long -> stuck
+    suspect_after: float = 2.0  # no progress for this long -> worth a stack dump
+    dump_interval: float = 30.0  # refresh every worker's stacks at least this often
+    native_gap: float = 5.0  # at most one --native dump (which pauses the worker) per this
+    native: bool = True  # allow --native dumps at all
+
+
+def stack_key(stack: ThreadStack) -> tuple[tuple[str, str, int], ...]:
+    """What "the stack has not changed" compares: the Python frames, comparable across kinds."""
+    return tuple((f.function, f.file, f.line) for f in stack.frames if not f.native)
+
+
+@dataclass
+class _ThreadTrack:
+    activity: ThreadActivity
+    moved_at: float  # last scan that saw CPU ticks or context switches change (or first seen)
+    cpu_at: float  # last scan that saw CPU ticks change (or first seen)
+    stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
+    stack_at: float = -math.inf  # when the last dump that covered this thread was taken
+    stack_since: float = -math.inf  # first dump in a row showing the same stack
+    request: bool = False  # sticky once seen serving a request
+
+    @property
+    def current(self) -> bool:
+        """The last dump was taken after the thread last ran: its stack is still its stack."""
+        return self.stack_at >= self.moved_at
+
+
+@dataclass
+class _WorkerTrack:
+    worker: WorkerRef
+    threads: dict[int, _ThreadTrack] = field(default_factory=dict)
+    kind: str | None = None
+    last_dump_at: float = -math.inf
+    last_native_at: float = -math.inf
+    stuck_tids: frozenset[int] = frozenset()
+    want_native: bool = False  # a thread just became stuck: refresh every stack, natively
+
+
+class Tracker:
+    """Remembers every thread of every worker across cycles and judges them."""
+
+    def __init__(self, catalog: Catalog, settings: AnalysisSettings | None = None) -> None:
+        self.catalog = catalog
+        self.settings = settings or AnalysisSettings()
+        self._workers: dict[WorkerRef, _WorkerTrack] = {}
+
+    @property
+    def workers(self) -> tuple[WorkerRef, ...]:
+        """The workers being tracked, in pid order."""
+        return tuple(sorted(self._workers))
+
+    def retain(self, workers: Iterable[WorkerRef]) -> None:
+        """Forget workers that are gone; start tracking new ones."""
+        alive = set(workers)
+        for ref in list(self._workers):
+            if ref not in alive:
+                del self._workers[ref]
+        for ref in alive:
+            self._workers.setdefault(ref, _WorkerTrack(ref))
+
+    def forget(self, worker: WorkerRef) -> None:
+        """Drop a worker that vanished mid-cycle."""
+        self._workers.pop(worker, None)
+
+    def observe_proc(self, sample: ProcSample, *, after_dump: bool = False) -> None:
+        """Fold in a /proc scan: note which threads ran since the last one.
+
+        A py-spy dump stops every thread of the worker (ptrace), which counts as context
+        switches; `after_dump` re-baselines the counters right after one, so a dump does not
+        make a blocked thread look as if it ran. (CPU ticks do not move for it, and a stack
+        that changed in the dump is noted by observe_stacks.)"""
+        track = self._workers.setdefault(sample.worker, _WorkerTrack(sample.worker))
+        now = sample.taken_at
+        seen: dict[int, _ThreadTrack] = {}
+        for activity in sample.threads:
+            old = track.threads.get(activity.tid)
+            if old is None or old.activity.start_ticks != activity.start_ticks:
+                seen[activity.tid] = _ThreadTrack(activity=activity, moved_at=now, cpu_at=now)
+                continue
+            if activity.cpu_ticks != old.activity.cpu_ticks:
+                old.cpu_at = old.moved_at = now
+            elif activity.ctx_switches != old.activity.ctx_switches and not after_dump:
+                old.moved_at = now
+            old.activity = activity
+            seen[activity.tid] = old
+        track.threads = seen
+
+    def observe_stacks(self, snapshot: StackSnapshot) -> None:
+        """Fold in a py-spy dump of one worker."""
+        track = self._workers.get(snapshot.worker)
+        if track is None:
+            return
+        at = snapshot.taken_at
+        stacks = {s.tid: s for s in snapshot.threads}
+        main = stacks.get(snapshot.worker.pid)
+        if main is not None and track.kind is None:
+            track.kind = _worker_kind(main)
+        for tid, thread in track.threads.items():
+            stack = stacks.get(tid)
+            keep_native = (
+                stack is not None
+                and not stack.native
+                and thread.stack is not None
+                and thread.stack.native
+                and thread.current
+            )
+            if keep_native:
+                # It has not run since the native dump: that richer stack is still true.
+                thread.stack_at = at
+                continue
+            if stack is None or thread.stack is None or stack_key(stack) != stack_key(thread.stack):
+                thread.stack_since = at
+                # It ran since the last dump, whatever the counters said around this one.
+                thread.moved_at = max(thread.moved_at, at)
+            thread.stack = stack
+            thread.stack_at = at
+            if stack is not None and not thread.request:
+                thread.request = _serves_requests(stack, tid == snapshot.worker.pid, track.kind)
+        track.last_dump_at = at
+        if snapshot.native:
+            track.last_native_at = at
+            track.want_native = False
+
+    def plan(self, now: float) -> list[tuple[WorkerRef, DumpKind]]:
+        """Which workers need a py-spy dump this cycle, and of which kind."""
+        s = self.settings
+        plans = []
+        for ref, track in sorted(self._workers.items()):
+            quiet = [t for t in track.threads.values() if now - t.moved_at >= s.suspect_after]
+            # Quiet for a while and we have not seen its stack since it last ran.
+            unseen = any(not t.current for t in quiet)
+            # Quiet, busy-looking, and we only have its Python frames: the native ones tell
+            # whether it is inside libpq or OpenSSL.
+            needs_native = any(
+                t.current
+                and t.stack is not None
+                and not t.stack.native
+                and self.catalog.idle_rule(t.stack) is None
+                for t in quiet
+            )
+            if (
+                s.native
+                and (needs_native or track.want_native)
+                and now - track.last_native_at >= s.native_gap
+            ):
+                plans.append((ref, DumpKind.NATIVE))
+                continue
+            if unseen or now - track.last_dump_at >= s.dump_interval:
+                plans.append((ref, DumpKind.PYTHON))
+        return plans
+
+    def _classify(self, thread: _ThreadTrack, now: float) -> tuple[ThreadState, float]:
+        stack = thread.stack
+        if stack is None:
+            # No Python stack (not dumped yet, or a native-only thread): never called stuck.
+            state = ThreadState.RUNNING if thread.activity.state == "R" else ThreadState.IDLE
+            return state, 0.0
+        if self.catalog.idle_rule(stack) is not None:
+            return ThreadState.IDLE, 0.0
+        if thread.current:
+            # Not run since the dump: the stack has been the same since it stopped running.
+            unchanged = now - min(thread.stack_since, thread.moved_at)
+        else:
+            unchanged = thread.stack_at - thread.stack_since
+        stalled = min(unchanged, now - thread.cpu_at)
+        if stalled >= self.settings.stuck_after:
+            return ThreadState.STUCK, stalled
+        return ThreadState.RUNNING, 0.0
+
+    def judge(self, now: float) -> tuple[WorkerReport, ...]:
+        """Classify every thread, match signatures, and give each worker a verdict."""
+        reports = []
+        for ref, track in sorted(self._workers.items()):
+            threads = []
+            fresh: list[tuple[ThreadReport, bool]] = []
+            for tid, thread in sorted(track.threads.items()):
+                state, stuck_for = self._classify(thread, now)
+                report = ThreadReport(
+                    tid=tid,
+                    name=thread.stack.name if thread.stack is not None else None,
+                    state=state,
+                    request=thread.request,
+                    stuck_for=stuck_for,
+                    stack=thread.stack,
+                )
+                threads.append(report)
+                # Only stacks that still describe the thread may fill a role.
+                if thread.stack is not None and (
+                    thread.current
+                    or (
+                        thread.stack_at == track.last_dump_at
+                        and now - thread.stack_at <= self.settings.stuck_after
+                    )
+                ):
+                    fresh.append((report, state is ThreadState.STUCK))
+            stuck = frozenset(t.tid for t in threads if t.state is ThreadState.STUCK)
+            if stuck - track.stuck_tids:
+                track.want_native = True
+            track.stuck_tids = stuck
+            findings = self._match(fresh)
+            if findings:
+                verdict = WorkerState.DEADLOCKED
+            elif stuck:
+                verdict = WorkerState.STUCK
+            else:
+                verdict = WorkerState.OK
+            reports.append(WorkerReport(ref, verdict, tuple(threads), findings))
+        return tuple(reports)
+
+    def _match(self, fresh: list[tuple[ThreadReport, bool]]) -> tuple[Finding, ...]:
+        if not any(stuck for _, stuck in fresh):
+            return ()
+        candidates = [(r.stack, stuck) for r, stuck in fresh if r.stack is not None]
+        findings = []
+        for signature in self.catalog.signatures:
+            assigned = self.catalog.assign_roles(signature, candidates)
+            if assigned is not None:
+                pairs = zip(signature.roles, assigned, strict=True)
+                roles = tuple((role.name, fresh[i][0]) for role, i in pairs)
+                findings.append(Finding(signature, roles))
+        return tuple(findings)
+
+
+def _worker_kind(main: ThreadStack) -> str | None:
+    for frame in main.frames:
+        if not frame.native:
+            found = _WORKER_KIND.search(frame.file)
+            if found:
+                return found.group(1)
+    return None
+
+
+def _serves_requests(stack: ThreadStack, is_main: bool, kind: str | None) -> bool:
+    for frame in stack.frames:
+        if frame.native:
+            continue
+        if "gunicorn/workers/" in frame.file and _HANDLES_REQUEST.search(frame.function):
+            return True
+        if (
+            kind == "gthread"
+            and frame.file.endswith("concurrent/futures/thread.py")
+            and _POOL_WORKER.search(frame.function)
+        ):
+            return True  # gthread's pool threads are its request threads
+    return is_main and kind is not None and kind != "gthread"
+
+
+def request_capacity(reports: Iterable[WorkerReport]) -> float | None:
+    """Request threads not stuck / request threads; None when no request thread is known."""
+    total = stuck = 0
+    for report in reports:
+        for thread in report.threads:
+            if thread.request:
+                total += 1
+                stuck += thread.state is ThreadState.STUCK
+    return (total - stuck) / total if total else None
+
+
+def incident_id(worker: WorkerRef, signature: str, at: float) -> str:
+    """A readable, URL-safe, unique-enough id: time, worker pid, signature."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+    return f"{stamp}-{worker.pid}-{signature}"
+
+
+class IncidentBook:
+    """Opens one incident per (worker, signature) and resolves it when the worker recovers."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[WorkerRef, str], Incident] = {}
+        self.totals: Counter[str] = Counter()
+
+    @property
+    def open(self) -> tuple[Incident, ...]:
+        """Incidents not yet resolved, oldest first."""
+        return tuple(sorted(self._open.values(), key=lambda i: (i.first_seen, i.id)))
+
+    def update(
+        self, reports: Iterable[WorkerReport], now: float
+    ) -> tuple[list[Incident], list[Incident]]:
+        """Return (opened, resolved) incidents for this cycle's reports."""
+        by_worker: Mapping[WorkerRef, WorkerReport] = {r.worker: r for r in reports}
+        opened = []
+        for report in by_worker.values():
+            for finding in report.findings:
+                key = (report.worker, finding.signature.name)
+                if key in self._open:
+                    continue
+                incident = Incident(
+                    id=incident_id(report.worker, finding.signature.name, now),
+                    worker=report.worker,
+                    signature=finding.signature.name,
+                    first_seen=now,
+                    finding=finding,
+                )
+                self._open[key] = incident
+                self.totals[finding.signature.name] += 1
+                opened.append(incident)
+        resolved = []
+        for key, incident in list(self._open.items()):
+            current = by_worker.get(incident.worker)
+            # Held open while any thread stays stuck, so a flapping match is one incident.
+            if current is None or current.state is WorkerState.OK:
+                del self._open[key]
+                resolved.append(replace(incident, resolved_at=now))
+        return opened, resolved

@@ -1,0 +1,125 @@
+"""The entry point: `deadlock-agent watch` and `deadlock-agent demo`; the only reader of environ."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from agent import __version__
+from agent.config import (
+    DEMO_SETTINGS,
+    WATCH_SETTINGS,
+    DemoConfig,
+    add_arguments,
+    agent_config,
+    resolve,
+)
+from agent.errors import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, AgentError, ConfigError
+
+log = logging.getLogger("agent")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag, then exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"deadlock-agent: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = _Parser(
+        prog="deadlock-agent",
+        description="Watch Gunicorn workers for threads hung in libpq+OpenSSL and other known "
+        "hangs; serve Prometheus metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"deadlock-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    watch = commands.add_parser("watch", help="watch gunicorn masters and serve /metrics")
+    add_arguments(watch, WATCH_SETTINGS)
+    demo = commands.add_parser(
+        "demo", help="run a real gunicorn app, drive it into the libpq/SSL hang, detect it"
+    )
+    add_arguments(demo, WATCH_SETTINGS)
+    add_arguments(demo, DEMO_SETTINGS)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr, one line per record, with the time: operators grep these."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def install_signal_handlers(events: queue.SimpleQueue[int], stop: threading.Event) -> None:
+    """SIGTERM/SIGINT only enqueue (and cut a running py-spy short); the loop exits."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+        events.put(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def watch(values: Mapping[str, object]) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    from agent.runtime import Agent
+
+    config = agent_config(values)
+    setup_logging(config.log_level)
+    agent = Agent.create(config)
+    events: queue.SimpleQueue[int] = queue.SimpleQueue()
+    install_signal_handlers(events, agent.stop)
+    agent.server.start()
+    target = (
+        f"master pid {config.master_pid}" if config.master_pid
+        else f"pidfile {config.pidfile}" if config.pidfile
+        else "gunicorn masters found by command line"
+    )
+    log.info(
+        "deadlock-agent %s watching %s; metrics on %s/metrics (interval %gs, stuck after %gs)",
+        __version__, target, agent.server.url, config.interval, config.stuck_after,
+    )
+    try:
+        signum = agent.monitor.run(events)
+    finally:
+        agent.server.close()
+    log.info("received %s; exiting", signal.Signals(signum).name if signum else "stop")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Parse, validate, dispatch; translate the agent's errors into one line and an exit code."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        values = resolve(WATCH_SETTINGS, args, environ)
+        if args.command == "watch":
+            return watch(values)
+        from agent.demo.run import run_demo
+
+        demo_values = resolve(DEMO_SETTINGS, args, environ)
+        config = DemoConfig(agent=agent_config(values), **demo_values)
+        setup_logging(config.agent.log_level)
+        return run_demo(config)
+    except ConfigError as err:
+        print(f"deadlock-agent: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as err:
+        print(f"deadlock-agent: error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE

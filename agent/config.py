@@ -1,0 +1,218 @@
+"""One validated settings object. Each setting: flag, env var, type, default, validator, help.
+
+Only the entry point (agent.cli) reads the environment; it hands `environ` in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from agent.analysis import AnalysisSettings
+from agent.errors import ConfigError
+from agent.server import DEFAULT_LISTEN, parse_listen_address
+
+ENV_PREFIX = "DEADLOCK_AGENT_"
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number greater than 0") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a number greater than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number greater than 0") from None
+    if value <= 0:
+        raise ValueError("must be a whole number greater than 0")
+    return value
+
+
+def boolean(text: str | bool) -> bool:
+    """true/false, 1/0, yes/no, on/off."""
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def listen_address(text: str) -> str:
+    """HOST:PORT."""
+    try:
+        parse_listen_address(text)
+    except ConfigError as err:
+        raise ValueError(str(err)) from err
+    return text
+
+
+def log_level(text: str) -> str:
+    """A logging level name."""
+    upper = text.strip().upper()
+    if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return upper
+
+
+def non_empty(text: str) -> str:
+    """Any non-empty text."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One knob, readable from a flag or an environment variable (the flag wins)."""
+
+    name: str
+    flag: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    boolean: bool = False
+
+    @property
+    def env(self) -> str:
+        """DEADLOCK_AGENT_ + the flag in upper snake case."""
+        return ENV_PREFIX + self.flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
+
+
+WATCH_SETTINGS: tuple[Setting, ...] = (
+    Setting("interval", "--interval", positive_float, 1.0,
+            "seconds between sampling cycles (the cheap /proc scan runs every cycle)"),
+    Setting("stuck_after", "--stuck-after", positive_float, 10.0,
+            "a thread whose stack and CPU time have not moved for this many seconds is stuck"),
+    Setting("dump_interval", "--dump-interval", positive_float, 30.0,
+            "take a py-spy dump of every worker at least this often, even when all is quiet"),
+    Setting("native", "--native", boolean, True,
+            "allow `py-spy dump --native` (pauses the worker ~50 ms) for workers with a suspect "
+            "thread", boolean=True),
+    Setting("py_spy", "--py-spy", non_empty, "py-spy", "the py-spy executable"),
+    Setting("py_spy_timeout", "--py-spy-timeout", positive_float, 5.0,
+            "seconds before a py-spy call is killed"),
+    Setting("master_pid", "--master-pid", positive_int, None,
+            "watch this gunicorn master only (default: find masters by command line)"),
+    Setting("pidfile", "--pidfile", non_empty, None,
+            "watch the master whose pid is in this file (gunicorn --pid)"),
+    Setting("listen_address", "--web.listen-address", listen_address, DEFAULT_LISTEN,
+            "where to serve /metrics, /healthz and /"),
+    Setting("worker_labels", "--web.worker-labels", boolean, False,
+            "also export deadlock_agent_worker_state with pid labels (high churn on respawn)",
+            boolean=True),
+    Setting("log_level", "--log-level", log_level, "INFO", "debug, info, warning or error"),
+)
+
+DEMO_SETTINGS: tuple[Setting, ...] = (
+    Setting("duration", "--duration", positive_float, None,
+            "exit after this many seconds (default: run until Ctrl-C)"),
+    Setting("fault_after", "--fault-after", positive_float, 5.0,
+            "seconds of healthy traffic before the fault is injected"),
+)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Validated settings for `deadlock-agent watch` (and the agent inside the demo)."""
+
+    interval: float = 1.0
+    stuck_after: float = 10.0
+    dump_interval: float = 30.0
+    native: bool = True
+    py_spy: str = "py-spy"
+    py_spy_timeout: float = 5.0
+    master_pid: int | None = None
+    pidfile: str | None = None
+    listen_address: str = DEFAULT_LISTEN
+    worker_labels: bool = False
+    log_level: str = "INFO"
+
+    def analysis(self) -> AnalysisSettings:
+        """The tracker's timing knobs, derived from these settings."""
+        return AnalysisSettings(
+            stuck_after=self.stuck_after,
+            # Dump a thread once it has been quiet for a fraction of stuck-after, so its
+            # stack is known (and native) before it is judged.
+            suspect_after=min(2.0, self.stuck_after / 2),
+            dump_interval=self.dump_interval,
+            native_gap=min(5.0, self.stuck_after / 2),
+            native=self.native,
+        )
+
+    @property
+    def stale_after(self) -> float:
+        """/healthz turns 503 when the last cycle is older than this."""
+        return 3 * self.interval + 2 * self.py_spy_timeout
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of `deadlock-agent demo` on top of the agent's."""
+
+    agent: AgentConfig
+    duration: float | None = None
+    fault_after: float = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser, table: Sequence[Setting]) -> None:
+    """Declare each setting as a flag; defaults stay None so the environment can fill in."""
+    for s in table:
+        helptext = f"{s.help} [env {s.env}; default {s.default}]"
+        if s.boolean:
+            parser.add_argument(
+                s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
+                help=helptext,
+            )
+        else:
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar="VALUE", help=helptext)
+
+
+def resolve(
+    table: Sequence[Setting], args: argparse.Namespace, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Flag, else env var, else default; a bad value raises ConfigError naming both."""
+    values: dict[str, Any] = {}
+    for s in table:
+        raw = getattr(args, s.name, None)
+        source = s.flag
+        if raw is None and s.env in environ:
+            raw, source = environ[s.env], s.env
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except ValueError as err:
+            raise ConfigError(f"{s.flag} / {s.env}: {err} (got {raw!r} from {source})") from err
+    return values
+
+
+def agent_config(values: Mapping[str, Any]) -> AgentConfig:
+    """Build and cross-check an AgentConfig from resolved values."""
+    names = {f.name for f in fields(AgentConfig)}
+    config = AgentConfig(**{k: v for k, v in values.items() if k in names})
+    if config.master_pid is not None and config.pidfile is not None:
+        raise ConfigError("--master-pid and --pidfile are exclusive: give one")
+    if config.stuck_after < 2 * config.interval:
+        raise ConfigError(
+            f"--stuck-after ({config.stuck_after:g}) must be at least twice --interval "
+            f"({config.interval:g}) to tell stuck from slow"
+        )
+    if config.dump_interval < config.interval:
+        raise ConfigError("--dump-interval must be at least --interval")
+    return config

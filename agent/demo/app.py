@@ -1,0 +1,99 @@
+"""The demo WSGI app: the seed's shape in forty lines.
+
+Each request opens a new PostgreSQL connection (Django's default before CONN_MAX_AGE) over TLS,
+and a background thread named like New Relic's harvest thread posts to an HTTPS endpoint.
+Configured by environment variables so the same app runs under the demo, the tests and Procfile:
+
+  DEMO_DATABASE_URL   libpq DSN for /db and /slow (sslmode=require recommended)
+  DEMO_HARVEST_URL    https:// URL the harvest thread POSTs to (unset: no harvest thread)
+  DEMO_CA_FILE        CA bundle to verify DEMO_HARVEST_URL with
+  DEMO_HARVEST_INTERVAL  seconds between harvests (default 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+log = logging.getLogger(__name__)
+
+_harvest_lock = threading.Lock()
+_harvest_pid: int | None = None
+
+
+def _harvest_loop(url: str, ca_file: str | None, interval: float) -> None:
+    import requests
+
+    stop = threading.Event()
+    while not stop.wait(interval):
+        try:
+            # A new TLS connection per harvest, and no timeout, like many telemetry agents of
+            # the time: a peer that stalls the handshake hangs this thread inside OpenSSL.
+            requests.post(url, json={"harvest": True}, verify=ca_file or True, timeout=None)
+        except requests.RequestException as err:
+            log.warning("harvest failed: %s", err)
+
+
+def ensure_harvest_thread() -> None:
+    """Start the harvest thread once per process (after gunicorn forks a worker)."""
+    global _harvest_pid
+    url = os.environ.get("DEMO_HARVEST_URL")
+    if not url:
+        return
+    with _harvest_lock:
+        if _harvest_pid == os.getpid():
+            return
+        _harvest_pid = os.getpid()
+        interval = float(os.environ.get("DEMO_HARVEST_INTERVAL", "1"))
+        threading.Thread(
+            target=_harvest_loop,
+            args=(url, os.environ.get("DEMO_CA_FILE"), interval),
+            name="NR-Harvest-Thread",
+            daemon=True,
+        ).start()
+
+
+def _query(sql: str, params: tuple[Any, ...] = ()) -> Any:
+    import psycopg2
+
+    dsn = os.environ.get("DEMO_DATABASE_URL")
+    if not dsn:
+        raise LookupError("DEMO_DATABASE_URL is not set")
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """/ says ok; /db runs SELECT 1 on a fresh connection; /slow?seconds=N runs pg_sleep(N)."""
+    ensure_harvest_thread()
+    path = environ.get("PATH_INFO", "/")
+    try:
+        if path == "/":
+            body = "ok\n"
+        elif path == "/db":
+            body = f"db says {_query('SELECT 1')}\n"
+        elif path == "/slow":
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            seconds = min(float(query.get("seconds", ["1"])[0]), 60.0)
+            _query("SELECT pg_sleep(%s)", (seconds,))
+            body = f"slept {seconds:g}s in PostgreSQL\n"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+    except Exception as err:  # the demo reports any database failure as a 503
+        start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [f"database error: {type(err).__name__}: {err}\n".encode()]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body.encode()]
+
+
+ensure_harvest_thread()

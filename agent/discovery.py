@@ -1,0 +1,162 @@
+"""The psutil wrapper: find Gunicorn masters and their workers, as (pid, create_time) pairs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.errors import ConfigError
+from agent.types import WorkerRef
+
+log = logging.getLogger(__name__)
+
+
+def is_gunicorn_cmdline(cmdline: Sequence[str]) -> bool:
+    """Whether a command line runs gunicorn: `gunicorn ...`, `python -m gunicorn ...`,
+    `python /venv/bin/gunicorn ...`, or a setproctitle'd "gunicorn: master [app]"."""
+    if not cmdline:
+        return False
+    if cmdline[0].startswith("gunicorn:"):
+        return True
+    # Only the launcher part (interpreter, wrapper, script) is looked at, not the app's flags.
+    head = cmdline[:4]
+    for i, arg in enumerate(head):
+        if os.path.basename(arg) in ("gunicorn", "gunicorn3"):
+            return True
+        if arg == "-m" and i + 1 < len(cmdline) and cmdline[i + 1] == "gunicorn":
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What discovery needs of one process (kept small so tests can build trees)."""
+
+    pid: int
+    ppid: int
+    create_time: float
+    cmdline: tuple[str, ...]
+
+
+def find_masters(processes: Iterable[ProcInfo]) -> list[int]:
+    """Pure: the gunicorn masters among processes.
+
+    A master is a gunicorn process with gunicorn children none of which has gunicorn children:
+    that skips a wrapper (`newrelic-admin run-program gunicorn`, `honcho`) that did not exec."""
+    procs = {p.pid: p for p in processes}
+    gunicorn = {pid for pid, p in procs.items() if is_gunicorn_cmdline(p.cmdline)}
+    children: dict[int, list[int]] = {}
+    for pid in gunicorn:
+        children.setdefault(procs[pid].ppid, []).append(pid)
+    masters = []
+    for pid in sorted(gunicorn):
+        kids = children.get(pid, [])
+        if kids and not any(children.get(kid) for kid in kids):
+            masters.append(pid)
+    return masters
+
+
+def read_pidfile(path: str) -> int:
+    """The master pid written by `gunicorn --pid PATH`."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+        pid = int(text)
+    except OSError as err:
+        raise ConfigError(f"cannot read pidfile {path}: {err.strerror}") from err
+    except ValueError as err:
+        raise ConfigError(f"pidfile {path} does not hold a pid") from err
+    if pid <= 0:
+        raise ConfigError(f"pidfile {path} holds an invalid pid {pid}")
+    return pid
+
+
+class Discovery:
+    """Finds masters (pinned or by command line) and lists their workers every cycle."""
+
+    def __init__(
+        self,
+        *,
+        master_pid: int | None = None,
+        pidfile: str | None = None,
+        rescan_every: int = 10,
+    ) -> None:
+        self.master_pid = master_pid
+        self.pidfile = pidfile
+        self.rescan_every = rescan_every
+        self._masters: list[psutil.Process] = []
+        self._cycles = 0
+
+    def _pinned(self) -> int | None:
+        if self.pidfile is not None:
+            try:
+                return read_pidfile(self.pidfile)
+            except ConfigError as err:
+                log.warning("%s; gunicorn may be (re)starting", err)
+                return None
+        return self.master_pid
+
+    def _scan(self) -> list[psutil.Process]:
+        pinned = self._pinned()
+        if pinned is not None or self.pidfile is not None:
+            if pinned is None:
+                return []
+            try:
+                return [psutil.Process(pinned)]
+            except psutil.NoSuchProcess:
+                log.warning("gunicorn master pid %s is not running", pinned)
+                return []
+        infos = []
+        for proc in psutil.process_iter(["pid", "ppid", "create_time", "cmdline"]):
+            info = proc.info
+            infos.append(
+                ProcInfo(
+                    pid=info["pid"],
+                    ppid=info["ppid"] or 0,
+                    create_time=info["create_time"] or 0.0,
+                    cmdline=tuple(info["cmdline"] or ()),
+                )
+            )
+        found = []
+        for pid in find_masters(infos):
+            try:
+                found.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def masters(self) -> list[psutil.Process]:
+        """Live masters; re-scanned every `rescan_every` cycles, or at once when one died."""
+        alive = [m for m in self._masters if m.is_running()]  # compares create_time: pid reuse
+        if (
+            len(alive) != len(self._masters)
+            or not alive
+            or self._cycles % self.rescan_every == 0
+            or self.pidfile is not None
+        ):
+            alive = self._scan()
+        self._cycles += 1
+        if [m.pid for m in alive] != [m.pid for m in self._masters]:
+            log.info("gunicorn masters: %s", [m.pid for m in alive] or "none found")
+        self._masters = alive
+        return alive
+
+    def workers(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]:
+        """(master pids, their workers) right now; processes vanishing midway are skipped."""
+        refs = []
+        masters = self.masters()
+        for master in masters:
+            try:
+                kids = master.children(recursive=False)
+            except psutil.NoSuchProcess:
+                continue
+            for kid in kids:
+                try:
+                    refs.append(WorkerRef(kid.pid, kid.create_time(), master.pid))
+                except psutil.NoSuchProcess:
+                    continue
+        return tuple(m.pid for m in masters), tuple(sorted(refs))

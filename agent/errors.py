@@ -1,0 +1,109 @@
+"""The agent's own exceptions: foreign errors are translated at the boundary, with the pid."""
+
+from __future__ import annotations
+
+# Exit codes (gunicorn Arbiter style: named, not sprinkled).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # a bad flag or environment variable
+EXIT_UNAVAILABLE = 3  # something the agent needs is missing (py-spy)
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    #: The label value counted in deadlock_agent_sample_errors_total{reason}.
+    reason = "error"
+    #: How a user fixes it, when they can.
+    help: str | None = None
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.pid is not None:
+            text = f"pid {self.pid}: {text}"
+        if self.help:
+            text = f"{text} ({self.help})"
+        return text
+
+
+class ConfigError(AgentError):
+    """A setting has a value the agent cannot use."""
+
+    reason = "config"
+
+
+class ProcessVanished(AgentError):
+    """The worker or thread exited while being sampled: normal control flow."""
+
+    reason = "vanished"
+
+
+class PySpyMissing(AgentError):
+    """The py-spy executable was not found."""
+
+    reason = "pyspy_missing"
+    help = "install it with `pip install py-spy`, or point --py-spy / DEADLOCK_AGENT_PY_SPY at it"
+
+
+class PtraceDenied(AgentError):
+    """The kernel refused to let py-spy (or /proc) read the worker."""
+
+    reason = "permission"
+    help = (
+        "run the agent as the app's user or as root; in a container add the CAP_SYS_PTRACE "
+        "capability (docker run --cap-add SYS_PTRACE, Kubernetes securityContext.capabilities) "
+        "and share the pid namespace; with Yama, set kernel.yama.ptrace_scope=0"
+    )
+
+
+class PySpyTimeout(AgentError):
+    """py-spy did not finish in time and was killed."""
+
+    reason = "timeout"
+
+
+class PySpyFailed(AgentError):
+    """py-spy exited with an error we have no better name for."""
+
+    reason = "pyspy_failed"
+
+
+class PySpyBadOutput(AgentError):
+    """py-spy printed something that is not the JSON we expect."""
+
+    reason = "bad_output"
+
+
+class ProcReadError(AgentError):
+    """A /proc file could not be read or parsed."""
+
+    reason = "proc"
+
+
+class SignatureError(AgentError):
+    """A signature or idle-rule table is malformed."""
+
+    reason = "signatures"
+
+
+#: Every reason label, so sample_errors_total has 0-valued series from the start.
+ERROR_REASONS: tuple[str, ...] = tuple(
+    sorted(
+        {
+            cls.reason
+            for cls in (
+                ProcessVanished,
+                PtraceDenied,
+                PySpyMissing,
+                PySpyTimeout,
+                PySpyFailed,
+                PySpyBadOutput,
+                ProcReadError,
+            )
+        }
+    )
+)

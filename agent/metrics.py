@@ -1,0 +1,161 @@
+"""Prometheus metrics, built fresh at every scrape from the last CycleReport.
+
+Nothing here is updated in place: dead workers vanish from the output by construction, and a
+scrape never sees half a cycle. Names are a contract (alert rules, dashboards depend on them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.analysis import request_capacity
+from agent.types import CycleReport, ThreadState, WorkerState
+
+PREFIX = "deadlock_agent"
+SAMPLE_METHODS = ("proc", "pyspy", "pyspy_native")
+
+
+class AgentCollector(Collector):
+    """Exports the last cycle's report; `report` is called once per scrape."""
+
+    def __init__(
+        self,
+        report: Callable[[], CycleReport | None],
+        *,
+        version: str,
+        py_spy_version: str,
+        worker_labels: bool = False,
+    ) -> None:
+        self._report = report
+        self._version = version
+        self._py_spy_version = py_spy_version
+        self._worker_labels = worker_labels
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing up front: registering must not run a collection (the report may be None)."""
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family from the current report."""
+        info = GaugeMetricFamily(
+            f"{PREFIX}_build_info",
+            "Agent build information; always 1.",
+            labels=["version", "py_spy_version"],
+        )
+        info.add_metric([self._version, self._py_spy_version], 1)
+        yield info
+        report = self._report()
+        if report is None:
+            up = GaugeMetricFamily(f"{PREFIX}_up", "1 when the last cycle sampled every worker.")
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from self._from_report(report)
+
+    def _from_report(self, r: CycleReport) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_up",
+            "1 when the last cycle sampled every worker it found.",
+            value=1 if r.complete else 0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_masters", "Gunicorn masters being watched.", value=len(r.masters)
+        )
+
+        workers = GaugeMetricFamily(
+            f"{PREFIX}_workers", "Gunicorn workers by verdict.", labels=["state"]
+        )
+        by_state = Counter(w.state for w in r.workers)
+        for state in WorkerState:
+            workers.add_metric([state.value], by_state[state])
+        yield workers
+
+        threads = GaugeMetricFamily(
+            f"{PREFIX}_threads", "Threads of all workers by state.", labels=["state"]
+        )
+        thread_states = Counter(t.state for w in r.workers for t in w.threads)
+        for tstate in ThreadState:
+            threads.add_metric([tstate.value], thread_states[tstate])
+        yield threads
+
+        deadlocked = GaugeMetricFamily(
+            f"{PREFIX}_deadlocked_workers",
+            "Workers matching a known deadlock signature.",
+            labels=["signature"],
+        )
+        matched = Counter(f.signature.name for w in r.workers for f in w.findings)
+        for name in r.signatures:
+            deadlocked.add_metric([name], matched[name])
+        yield deadlocked
+
+        detected = CounterMetricFamily(
+            f"{PREFIX}_deadlocks_detected",
+            "Deadlock incidents detected, each counted once.",
+            labels=["signature"],
+        )
+        for name in r.signatures:
+            detected.add_metric([name], r.incidents_total.get(name, 0))
+        yield detected
+
+        stuck = [t.stuck_for for w in r.workers for t in w.threads if t.state is ThreadState.STUCK]
+        yield GaugeMetricFamily(
+            f"{PREFIX}_oldest_stuck_thread_seconds",
+            "How long the longest-stuck thread has made no progress (0 when none).",
+            value=max(stuck, default=0.0),
+        )
+
+        capacity = request_capacity(r.workers)
+        if capacity is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_request_capacity_ratio",
+                "Request threads not stuck / request threads: the death-spiral gauge.",
+                value=capacity,
+            )
+
+        samples = CounterMetricFamily(
+            f"{PREFIX}_samples", "Samples taken, by method.", labels=["method"]
+        )
+        seconds = CounterMetricFamily(
+            f"{PREFIX}_sample_duration_seconds",
+            "Time spent sampling, by method.",
+            labels=["method"],
+        )
+        for method in SAMPLE_METHODS:
+            samples.add_metric([method], r.samples.get(method, 0))
+            seconds.add_metric([method], r.sample_seconds.get(method, 0.0))
+        yield samples
+        yield seconds
+
+        errors = CounterMetricFamily(
+            f"{PREFIX}_sample_errors", "Sampling errors, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(r.sample_errors.items()):
+            errors.add_metric([reason], count)
+        yield errors
+
+        yield GaugeMetricFamily(
+            f"{PREFIX}_last_sample_timestamp_seconds",
+            "Unix time the last cycle finished.",
+            value=r.finished_at,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_cycle_duration_seconds",
+            "Wall time of the last sampling cycle.",
+            value=r.duration,
+        )
+
+        if self._worker_labels:
+            per_worker = GaugeMetricFamily(
+                f"{PREFIX}_worker_state",
+                "1 for each worker's current verdict (only with --web.worker-labels).",
+                labels=["master_pid", "pid", "state"],
+            )
+            for w in r.workers:
+                per_worker.add_metric(
+                    [str(w.worker.master_pid), str(w.worker.pid), w.state.value], 1
+                )
+            yield per_worker

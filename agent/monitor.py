@@ -1,0 +1,210 @@
+"""The sampling loop: discovery -> /proc scan -> (py-spy when needed) -> analysis -> report.
+
+It owns no policy: when to dump is Tracker.plan, what is stuck is Tracker.judge. It owns the I/O
+and the bookkeeping (counters, the last published report) and never lets one bad worker or one bad
+sample stop the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from agent import procfs
+from agent.analysis import IncidentBook, Tracker
+from agent.errors import ERROR_REASONS, AgentError, ProcessVanished, PtraceDenied
+from agent.render import incident_record, incident_text
+from agent.types import (
+    CycleReport,
+    DumpKind,
+    Incident,
+    ProcSample,
+    StackSnapshot,
+    WorkerRef,
+)
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSource(Protocol):
+    """Finds the workers to watch (agent.discovery.Discovery in production)."""
+
+    def workers(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]: ...
+
+
+class StackSource(Protocol):
+    """Takes stack dumps (agent.pyspy.PySpy in production)."""
+
+    def dump(self, worker: WorkerRef, *, native: bool) -> StackSnapshot: ...
+
+
+IncidentListener = Callable[[Incident], None]
+
+
+def log_incident(incident: Incident) -> None:
+    """The default listener: one structured line per incident event, then readable text."""
+    record = incident_record(incident)
+    log.warning("%s %s", record["event"], json.dumps(record, sort_keys=True))
+    if incident.resolved_at is None:
+        log.warning("%s", incident_text(incident))
+
+
+class Monitor:
+    """Runs cycles and publishes the last CycleReport for the metrics and health endpoints."""
+
+    def __init__(
+        self,
+        *,
+        workers: WorkerSource,
+        stacks: StackSource,
+        tracker: Tracker,
+        interval: float = 1.0,
+        proc: str = procfs.DEFAULT_PROC,
+        clock: Callable[[], float] = time.time,
+        listeners: Sequence[IncidentListener] = (log_incident,),
+    ) -> None:
+        self.workers = workers
+        self.stacks = stacks
+        self.tracker = tracker
+        self.interval = interval
+        self.proc = proc
+        self.clock = clock
+        self.listeners = list(listeners)
+        self.incidents = IncidentBook()
+        self.last_report: CycleReport | None = None
+        self.resolved: list[Incident] = []
+        self._samples: Counter[str] = Counter()
+        self._seconds: dict[str, float] = {}
+        self._errors: Counter[str] = Counter(dict.fromkeys((*ERROR_REASONS, "internal"), 0))
+        self._warned: set[tuple[str, int | None]] = set()
+
+    def _error(self, err: AgentError) -> None:
+        self._errors[err.reason] += 1
+        if isinstance(err, ProcessVanished):
+            log.debug("%s", err)
+            return
+        # One line per (reason, pid): a persistent problem must not flood the log every second.
+        key = (err.reason, err.pid)
+        if key not in self._warned:
+            self._warned.add(key)
+            (log.error if isinstance(err, PtraceDenied) else log.warning)("%s", err)
+
+    def _timed(self, method: str, started: float) -> None:
+        self._samples[method] += 1
+        self._seconds[method] = self._seconds.get(method, 0.0) + time.perf_counter() - started
+
+    def cycle(self) -> CycleReport:
+        """One pass over every worker; returns (and publishes) its report."""
+        started = time.perf_counter()
+        masters, refs = self.workers.workers()
+        self.tracker.retain(refs)
+        complete = True
+        for ref in refs:
+            begun = time.perf_counter()
+            try:
+                sample: ProcSample = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
+            except ProcessVanished as err:
+                self._error(err)
+                self.tracker.forget(ref)
+                continue
+            except AgentError as err:
+                self._error(err)
+                complete = False
+                continue
+            self._timed("proc", begun)
+            self.tracker.observe_proc(sample)
+        for ref, kind in self.tracker.plan(self.clock()):
+            begun = time.perf_counter()
+            try:
+                snapshot = self.stacks.dump(ref, native=kind is DumpKind.NATIVE)
+            except ProcessVanished as err:
+                self._error(err)
+                self.tracker.forget(ref)
+                continue
+            except AgentError as err:
+                self._error(err)
+                complete = False
+                continue
+            self._timed(kind.value, begun)
+            self.tracker.observe_stacks(snapshot)
+            try:
+                # The dump itself stopped every thread: re-baseline their counters.
+                baseline = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
+            except AgentError:
+                continue  # the next cycle's scan will tell
+            self.tracker.observe_proc(baseline, after_dump=True)
+        now = self.clock()
+        reports = self.tracker.judge(now)
+        opened, resolved = self.incidents.update(reports, now)
+        for incident in (*opened, *resolved):
+            self._notify(incident)
+        self.resolved.extend(resolved)
+        del self.resolved[:-100]  # keep a short history for later readers, bounded
+        report = CycleReport(
+            finished_at=now,
+            duration=time.perf_counter() - started,
+            masters=masters,
+            workers=reports,
+            complete=complete,
+            signatures=self.tracker.catalog.names,
+            open_incidents=self.incidents.open,
+            samples=dict(self._samples),
+            sample_seconds=dict(self._seconds),
+            sample_errors=dict(self._errors),
+            incidents_total=dict(self.incidents.totals),
+        )
+        self.last_report = report  # one reference swap: readers never see half a report
+        return report
+
+    def _notify(self, incident: Incident) -> None:
+        for listener in self.listeners:
+            try:
+                listener(incident)
+            except Exception:
+                log.exception("incident listener %r failed", listener)
+
+    def run(self, events: queue.SimpleQueue[int] | None = None) -> int | None:
+        """Cycle every `interval` until an event (a signal number) arrives; return it."""
+        events = events if events is not None else queue.SimpleQueue()
+        next_at = time.monotonic()
+        while True:
+            try:
+                self.cycle()
+            except Exception:
+                # The top of the loop is the one place that catches everything: the agent
+                # must keep watching even when a cycle hits a bug.
+                self._errors["internal"] += 1
+                log.exception("sampling cycle failed; continuing")
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # a slow cycle: do not try to catch up with a burst
+                next_at = time.monotonic()
+                delay = 0.0
+            try:
+                return events.get(timeout=delay)
+            except queue.Empty:
+                continue
+
+
+class MonitorThread(threading.Thread):
+    """Runs a Monitor in the background (the demo, tests) until stop() is called."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__(name="deadlock-agent-monitor", daemon=True)
+        self.monitor = monitor
+        self.events: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        """Loop until stopped."""
+        self.monitor.run(self.events)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end and wait for it."""
+        self.events.put(0)
+        self.join(timeout)

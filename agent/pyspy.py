@@ -1,0 +1,160 @@
+"""The py-spy wrapper: the only module that runs py-spy or knows its JSON field names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from agent.errors import (
+    ProcessVanished,
+    PtraceDenied,
+    PySpyBadOutput,
+    PySpyFailed,
+    PySpyMissing,
+    PySpyTimeout,
+)
+from agent.types import Frame, StackSnapshot, ThreadStack, WorkerRef
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+
+# What py-spy prints to stderr for the failures a user can act on (py-spy 0.3 and 0.4).
+# Matched case-insensitively: py-spy 0.4.3 says "Permission Denied: Try running again ...".
+_PERMISSION_MARKERS = ("permission denied", "operation not permitted", "eperm", "eacces")
+_VANISHED_MARKERS = (
+    "no such process",
+    "no such file or directory",
+    "esrch",
+    "check that the process is running",
+)
+
+
+class Runner(Protocol):
+    """Runs argv with a timeout; returns (returncode, stdout, stderr). Injected in tests."""
+
+    def __call__(self, argv: Sequence[str], *, timeout: float) -> tuple[int, str, str]: ...
+
+
+def run_with_timeout(
+    argv: Sequence[str], *, timeout: float, stop: threading.Event | None = None
+) -> tuple[int, str, str]:
+    """Run argv, killing it past `timeout` (py-spy can hang in waitpid) or when `stop` is set."""
+    try:
+        child = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Without this py-spy appends a Rust backtrace to every error when the
+            # environment sets RUST_BACKTRACE=1.
+            env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"},
+        )
+    except FileNotFoundError as err:
+        raise PySpyMissing(f"cannot run {argv[0]!r}: not found") from err
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                raise PySpyTimeout(f"py-spy did not finish within {timeout:g}s; killed")
+            try:
+                out, err_text = child.communicate(timeout=min(remaining, 0.1))
+                return child.returncode, out, err_text
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+class PySpy:
+    """Takes stack dumps of one worker at a time with `py-spy dump --json`."""
+
+    def __init__(
+        self,
+        executable: str = "py-spy",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        runner: Runner | None = None,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.executable = executable
+        self.timeout = timeout
+        self._stop = stop
+        self._runner: Runner = runner or self._default_runner
+        self._clock = clock
+
+    def _default_runner(self, argv: Sequence[str], *, timeout: float) -> tuple[int, str, str]:
+        return run_with_timeout(argv, timeout=timeout, stop=self._stop)
+
+    def check(self) -> str:
+        """Return py-spy's version, or raise PySpyMissing with the fix."""
+        if shutil.which(self.executable) is None:
+            raise PySpyMissing(f"{self.executable!r} is not on PATH")
+        code, out, err = self._runner([self.executable, "--version"], timeout=self.timeout)
+        if code != 0:
+            raise PySpyMissing(f"{self.executable} --version failed: {err.strip() or out.strip()}")
+        return out.strip().rsplit(" ", 1)[-1]
+
+    def dump(self, worker: WorkerRef, *, native: bool) -> StackSnapshot:
+        """Dump every thread of the worker; never with --locals (locals can hold secrets)."""
+        argv = [self.executable, "dump", "--json", "--pid", str(worker.pid)]
+        if native:
+            argv.append("--native")
+        code, out, err = self._runner(argv, timeout=self.timeout)
+        taken_at = self._clock()
+        if code != 0:
+            raise classify_failure(err or out, pid=worker.pid)
+        return parse_dump(out, worker=worker, taken_at=taken_at, native=native)
+
+
+def classify_failure(stderr: str, *, pid: int) -> Exception:
+    """Translate py-spy's error text into the agent's hierarchy."""
+    text = " ".join(stderr.split("Stack backtrace:", 1)[0].split())[:300]
+    lowered = text.lower()
+    if any(marker in lowered for marker in _PERMISSION_MARKERS):
+        return PtraceDenied(f"py-spy was denied access: {text}", pid=pid)
+    if any(marker in lowered for marker in _VANISHED_MARKERS):
+        return ProcessVanished(f"py-spy: {text}", pid=pid)
+    return PySpyFailed(f"py-spy failed: {text or 'no output'}", pid=pid)
+
+
+def _frame(raw: dict[str, Any]) -> Frame:
+    module = raw.get("module")
+    short = raw.get("short_filename") or raw.get("filename") or "?"
+    return Frame(
+        function=str(raw.get("name") or "?"),
+        file=str(short),
+        line=int(raw.get("line") or 0),
+        module=str(module) if module else None,
+    )
+
+
+def parse_dump(text: str, *, worker: WorkerRef, taken_at: float, native: bool) -> StackSnapshot:
+    """Parse `py-spy dump --json` output (a list of threads) into a StackSnapshot."""
+    try:
+        data = json.loads(text)
+        threads = tuple(
+            ThreadStack(
+                tid=int(raw["os_thread_id"] or raw["thread_id"]),
+                name=raw.get("thread_name"),
+                frames=tuple(_frame(frame) for frame in raw.get("frames") or ()),
+                native=native,
+            )
+            for raw in data
+            if int(raw.get("pid", worker.pid)) == worker.pid
+        )
+    except (ValueError, TypeError, KeyError) as err:
+        raise PySpyBadOutput(f"unreadable py-spy JSON: {err}", pid=worker.pid) from err
+    return StackSnapshot(worker=worker, taken_at=taken_at, native=native, threads=threads)

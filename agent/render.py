@@ -1,0 +1,59 @@
+"""Turn incidents into words for people: a structured log record and readable text. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.types import Incident, ThreadReport, ThreadStack
+
+TOP_FRAMES = 6
+
+
+def top_frames(stack: ThreadStack | None, limit: int = TOP_FRAMES) -> list[str]:
+    """The innermost frames, skipping anonymous native addresses that tell a reader nothing."""
+    if stack is None:
+        return []
+    named = [f for f in stack.frames if not (f.native and f.function.startswith("0x"))]
+    return [str(f) for f in named[:limit]]
+
+
+def _thread(role: str, thread: ThreadReport) -> dict[str, Any]:
+    return {
+        "role": role,
+        "tid": thread.tid,
+        "name": thread.name,
+        "state": thread.state.value,
+        "stuck_seconds": round(thread.stuck_for, 1),
+        "top_frames": top_frames(thread.stack),
+    }
+
+
+def incident_record(incident: Incident) -> dict[str, Any]:
+    """The one structured log line per incident, as a dict (JSON-ready)."""
+    return {
+        "event": "deadlock_resolved" if incident.resolved_at is not None else "deadlock_detected",
+        "incident": incident.id,
+        "signature": incident.signature,
+        "worker_pid": incident.worker.pid,
+        "master_pid": incident.worker.master_pid,
+        "first_seen": round(incident.first_seen, 3),
+        "resolved_at": None if incident.resolved_at is None else round(incident.resolved_at, 3),
+        "threads": [_thread(role, t) for role, t in incident.finding.threads],
+        "remedy": incident.finding.signature.remedy,
+    }
+
+
+def incident_text(incident: Incident) -> str:
+    """A readable account: headline, each involved thread with its top frames, the remedy."""
+    sig = incident.finding.signature
+    lines = [
+        f"DEADLOCK {sig.name} in gunicorn worker {incident.worker.pid} "
+        f"(master {incident.worker.master_pid}), incident {incident.id}",
+        f"  {sig.summary}",
+    ]
+    for role, thread in incident.finding.threads:
+        stuck = f", stuck {thread.stuck_for:.0f}s" if thread.stuck_for else ""
+        lines.append(f"  [{role}] thread {thread.name or '?'} (tid {thread.tid}{stuck}):")
+        lines.extend(f"      {frame}" for frame in top_frames(thread.stack))
+    lines.append(f"  Remedy: {sig.remedy}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The HTTP server: /metrics, /healthz and a landing page, on a background thread."""
+
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from agent.errors import ConfigError
+from agent.types import CycleReport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9808
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """"HOST:PORT", ":PORT" or "[v6]:PORT" -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} out of range")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":PORT" means all interfaces, as in Prometheus
+    return host, port
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: %s", format % args)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class AgentApp:
+    """The WSGI application: routes to the Prometheus exposition or the agent's own pages."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        report: Callable[[], CycleReport | None],
+        *,
+        stale_after: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._metrics = make_wsgi_app(registry)
+        self._report = report
+        self.stale_after = stale_after
+        self._clock = clock
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            return self._healthz(start_response)
+        if path == "/":
+            return self._landing(start_response)
+        return _text(start_response, "404 Not Found", "not found; try /metrics\n")
+
+    def _healthz(self, start_response: StartResponse) -> Iterable[bytes]:
+        report = self._report()
+        if report is None:
+            return _text(start_response, "503 Service Unavailable", "no sampling cycle yet\n")
+        age = self._clock() - report.finished_at
+        if age > self.stale_after:
+            return _text(
+                start_response,
+                "503 Service Unavailable",
+                f"stale: last cycle {age:.1f}s ago (limit {self.stale_after:g}s)\n",
+            )
+        return _text(start_response, "200 OK", f"ok: last cycle {age:.1f}s ago\n")
+
+    def _landing(self, start_response: StartResponse) -> Iterable[bytes]:
+        report = self._report()
+        if report is None:
+            summary = "no cycle yet"
+        else:
+            states = ", ".join(
+                f"pid {w.worker.pid}: {w.state.value}" for w in report.workers
+            ) or "no gunicorn workers found"
+            summary = f"masters {list(report.masters)}; {states}"
+        body = (
+            "<!doctype html><title>deadlock-agent</title><h1>deadlock-agent</h1>"
+            f"<p>{html.escape(summary)}</p>"
+            '<ul><li><a href="metrics">/metrics</a></li>'
+            '<li><a href="healthz">/healthz</a></li></ul>'
+        )
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [body.encode()]
+
+
+def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [body.encode()]
+
+
+class HttpServer:
+    """Serves an AgentApp from a daemon thread; close() stops it."""
+
+    def __init__(self, app: AgentApp, address: str) -> None:
+        host, port = parse_listen_address(address)
+
+        class Server(ThreadingWSGIServer):
+            address_family = _family(host)
+
+        try:
+            self._server: WSGIServer = make_server(
+                host, port, app, server_class=Server, handler_class=_QuietHandler
+            )
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err
+        self.port = self._server.server_port
+        self.host = host
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="deadlock-agent-http", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> HttpServer:
+        """Begin serving in the background."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()

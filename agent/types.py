@@ -1,0 +1,196 @@
+"""Boundary types: the only shapes modules exchange (never py-spy dicts or psutil objects)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class WorkerRef:
+    """A Gunicorn worker, identified by pid *and* start time: pids are reused."""
+
+    pid: int
+    create_time: float
+    master_pid: int
+
+
+@dataclass(frozen=True)
+class ThreadActivity:
+    """One thread as /proc shows it: cheap to read, enough to tell whether it ran."""
+
+    tid: int
+    start_ticks: int  # /proc/.../stat field 22: tells a reused tid from the old thread
+    comm: str
+    state: str  # R, S, D, T, Z ...
+    cpu_ticks: int  # utime + stime
+    ctx_switches: int  # voluntary + nonvoluntary
+    syscall: int | None  # None when not readable (no ptrace access) or running
+    wchan: str | None
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """All threads of one worker at one instant, from /proc."""
+
+    worker: WorkerRef
+    taken_at: float
+    threads: tuple[ThreadActivity, ...]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One stack frame, Python or native; innermost frames come first in a stack."""
+
+    function: str
+    file: str  # short file name for Python frames ("psycopg2/__init__.py"), full for native
+    line: int = 0
+    module: str | None = None  # the shared object of a native frame, None for Python frames
+
+    @property
+    def native(self) -> bool:
+        """True for a frame in a shared object rather than Python source."""
+        return self.module is not None
+
+    def __str__(self) -> str:
+        if self.native:
+            return f"{self.function} ({self.module})"
+        return f"{self.function} ({self.file}:{self.line})"
+
+
+@dataclass(frozen=True)
+class ThreadStack:
+    """The stack of one thread from one py-spy dump."""
+
+    tid: int
+    name: str | None
+    frames: tuple[Frame, ...]
+    native: bool  # whether the dump asked for native frames
+
+
+@dataclass(frozen=True)
+class StackSnapshot:
+    """One py-spy dump of one worker."""
+
+    worker: WorkerRef
+    taken_at: float
+    native: bool
+    threads: tuple[ThreadStack, ...]
+
+
+@dataclass(frozen=True)
+class FramePattern:
+    """Regular expressions a frame must all match (searched, not anchored)."""
+
+    function: str | None = None
+    file: str | None = None
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class IdleRule:
+    """A stack shape that means "waiting for work", never "stuck"."""
+
+    name: str
+    top: FramePattern  # the innermost Python frame
+    under: FramePattern | None = None  # some frame below it must match
+    unless_under: FramePattern | None = None  # ...and none below may match this
+
+
+@dataclass(frozen=True)
+class Role:
+    """One thread a signature needs, e.g. the libpq thread or the HTTPS thread."""
+
+    name: str
+    any_of: tuple[FramePattern, ...] = ()  # some frame matches one of these
+    all_of: tuple[FramePattern, ...] = ()  # each of these matches some frame
+    none_of: tuple[FramePattern, ...] = ()  # no frame matches any of these
+    stuck: bool = False  # must the thread be stuck, or merely inside these frames?
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A known hang: distinct threads of one worker filling every role."""
+
+    name: str
+    summary: str
+    remedy: str
+    roles: tuple[Role, ...]
+
+
+class ThreadState(enum.StrEnum):
+    RUNNING = "running"
+    IDLE = "idle"
+    STUCK = "stuck"
+
+
+class WorkerState(enum.StrEnum):
+    OK = "ok"
+    STUCK = "stuck"
+    DEADLOCKED = "deadlocked"
+
+
+class DumpKind(enum.StrEnum):
+    PYTHON = "pyspy"
+    NATIVE = "pyspy_native"
+
+
+@dataclass(frozen=True)
+class ThreadReport:
+    """The verdict on one thread in one cycle."""
+
+    tid: int
+    name: str | None
+    state: ThreadState
+    request: bool  # serves requests (gthread pool thread, sync worker main thread)
+    stuck_for: float  # seconds without progress; 0 unless stuck
+    stack: ThreadStack | None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A signature matched in one worker: which thread fills which role."""
+
+    signature: Signature
+    threads: tuple[tuple[str, ThreadReport], ...]  # (role name, thread)
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """The verdict on one worker in one cycle."""
+
+    worker: WorkerRef
+    state: WorkerState
+    threads: tuple[ThreadReport, ...]
+    findings: tuple[Finding, ...] = ()
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One deadlock of one worker, from first detection until it recovers or dies."""
+
+    id: str
+    worker: WorkerRef
+    signature: str
+    first_seen: float
+    finding: Finding
+    resolved_at: float | None = None
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """Everything one cycle learned; the metrics and the health check read only this."""
+
+    finished_at: float
+    duration: float
+    masters: tuple[int, ...]
+    workers: tuple[WorkerReport, ...]
+    complete: bool  # every worker found was sampled without error
+    signatures: tuple[str, ...]  # every known signature, for 0-valued series
+    open_incidents: tuple[Incident, ...] = ()
+    # Cumulative counters since start, keyed by label value.
+    samples: Mapping[str, int] = field(default_factory=dict)
+    sample_seconds: Mapping[str, float] = field(default_factory=dict)
+    sample_errors: Mapping[str, int] = field(default_factory=dict)
+    incidents_total: Mapping[str, int] = field(default_factory=dict)
