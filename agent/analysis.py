@@ -37,6 +37,9 @@ _WORKER_KIND = re.compile(
 # A frame of gunicorn handing a request to the app: the thread serves requests.
 _HANDLES_REQUEST = re.compile(r"(^|\.)handle(_request)?$")
 _POOL_WORKER = re.compile(r"(^|\.)_worker$")
+# Being stopped by ptrace (our py-spy, or anyone's) is charged to the thread as a little system
+# time. Up to this many clock ticks (USER_HZ, usually 10 ms each) of CPU is not "progress".
+CPU_NOISE_TICKS = 2
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,25 @@ def stack_key(stack: ThreadStack) -> tuple[tuple[str, str, int], ...]:
 class _ThreadTrack:
     activity: ThreadActivity
     moved_at: float  # last scan that saw CPU ticks or context switches change (or first seen)
-    cpu_at: float  # last scan that saw CPU ticks change (or first seen)
+    cpu_at: float  # last scan that saw CPU time advance past the noise (or first seen)
+    cpu_ref: int  # CPU ticks at cpu_at
     stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
     stack_at: float = -math.inf  # when the last dump that covered this thread was taken
-    stack_since: float = -math.inf  # first dump in a row showing the same stack
     request: bool = False  # sticky once seen serving a request
+    # Since when its (Python) stack is known to be the one it has: set when a dump shows a
+    # new stack, kept while later dumps show the same one.
+    unchanged_since: float = math.inf
 
     @property
     def current(self) -> bool:
         """The last dump was taken after the thread last ran: its stack is still its stack."""
         return self.stack_at >= self.moved_at
+
+    @property
+    def held(self) -> bool:
+        """Context switches but no CPU since the last dump: woken, e.g. by someone's ptrace,
+        but most likely where it was. Stuck/role verdicts hold until a dump re-checks."""
+        return not self.current and self.cpu_at <= self.stack_at
 
 
 @dataclass
@@ -78,7 +90,8 @@ class _WorkerTrack:
     kind: str | None = None
     last_dump_at: float = -math.inf
     last_native_at: float = -math.inf
-    stuck_tids: frozenset[int] = frozenset()
+    stuck_tids: frozenset[int] = frozenset()  # stuck at the last judgment
+    role_tids: frozenset[int] = frozenset()  # filling a signature role at the last judgment
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
 
 
@@ -121,11 +134,19 @@ class Tracker:
         for activity in sample.threads:
             old = track.threads.get(activity.tid)
             if old is None or old.activity.start_ticks != activity.start_ticks:
-                seen[activity.tid] = _ThreadTrack(activity=activity, moved_at=now, cpu_at=now)
+                seen[activity.tid] = _ThreadTrack(
+                    activity=activity, moved_at=now, cpu_at=now, cpu_ref=activity.cpu_ticks
+                )
                 continue
-            if activity.cpu_ticks != old.activity.cpu_ticks:
+            if activity.cpu_ticks - old.cpu_ref > CPU_NOISE_TICKS:
                 old.cpu_at = old.moved_at = now
-            elif activity.ctx_switches != old.activity.ctx_switches and not after_dump:
+                old.cpu_ref = activity.cpu_ticks
+            elif after_dump:
+                old.cpu_ref = activity.cpu_ticks  # what the dump cost it is not progress
+            elif (
+                activity.ctx_switches != old.activity.ctx_switches
+                or activity.cpu_ticks != old.activity.cpu_ticks
+            ):
                 old.moved_at = now
             old.activity = activity
             seen[activity.tid] = old
@@ -154,10 +175,16 @@ class Tracker:
                 # It has not run since the native dump: that richer stack is still true.
                 thread.stack_at = at
                 continue
-            if stack is None or thread.stack is None or stack_key(stack) != stack_key(thread.stack):
-                thread.stack_since = at
-                # It ran since the last dump, whatever the counters said around this one.
-                thread.moved_at = max(thread.moved_at, at)
+            changed = thread.stack is None or stack is None or (
+                stack_key(stack) != stack_key(thread.stack)
+            )
+            if changed:
+                if thread.stack is not None and thread.moved_at <= thread.stack_at:
+                    # /proc saw no run since the last dump, yet the stack changed: it ran
+                    # inside a dump's re-baselined window. Count it as running until now.
+                    thread.moved_at = at
+                # It has not run since moved_at, so this stack has been its stack since then.
+                thread.unchanged_since = thread.moved_at
             thread.stack = stack
             thread.stack_at = at
             if stack is not None and not thread.request:
@@ -173,8 +200,12 @@ class Tracker:
         plans = []
         for ref, track in sorted(self._workers.items()):
             quiet = [t for t in track.threads.values() if now - t.moved_at >= s.suspect_after]
-            # Quiet for a while and we have not seen its stack since it last ran.
-            unseen = any(not t.current for t in quiet)
+            watched = track.stuck_tids | track.role_tids
+            # Quiet for a while and we have not seen its stack since it last ran; or a thread
+            # we called stuck was woken: re-check it now rather than let the verdict flap.
+            unseen = any(not t.current for t in quiet) or any(
+                not t.current for tid, t in track.threads.items() if tid in watched
+            )
             # Quiet, busy-looking, and we only have its Python frames: the native ones tell
             # whether it is inside libpq or OpenSSL.
             needs_native = any(
@@ -195,7 +226,9 @@ class Tracker:
                 plans.append((ref, DumpKind.PYTHON))
         return plans
 
-    def _classify(self, thread: _ThreadTrack, now: float) -> tuple[ThreadState, float]:
+    def _classify(
+        self, thread: _ThreadTrack, now: float, was_stuck: bool
+    ) -> tuple[ThreadState, float]:
         stack = thread.stack
         if stack is None:
             # No Python stack (not dumped yet, or a native-only thread): never called stuck.
@@ -203,11 +236,13 @@ class Tracker:
             return state, 0.0
         if self.catalog.idle_rule(stack) is not None:
             return ThreadState.IDLE, 0.0
-        if thread.current:
-            # Not run since the dump: the stack has been the same since it stopped running.
-            unchanged = now - min(thread.stack_since, thread.moved_at)
+        if thread.current or (was_stuck and thread.held):
+            # Not run since the dump (or only woken, and a re-dump is planned): the stack is
+            # still the one we saw.
+            unchanged = now - thread.unchanged_since
         else:
-            unchanged = thread.stack_at - thread.stack_since
+            # It ran since: we only know the stack was the same up to the last dump.
+            unchanged = thread.stack_at - thread.unchanged_since
         stalled = min(unchanged, now - thread.cpu_at)
         if stalled >= self.settings.stuck_after:
             return ThreadState.STUCK, stalled
@@ -218,9 +253,9 @@ class Tracker:
         reports = []
         for ref, track in sorted(self._workers.items()):
             threads = []
-            fresh: list[tuple[ThreadReport, bool]] = []
+            candidates: list[tuple[ThreadReport, bool]] = []
             for tid, thread in sorted(track.threads.items()):
-                state, stuck_for = self._classify(thread, now)
+                state, stuck_for = self._classify(thread, now, tid in track.stuck_tids)
                 report = ThreadReport(
                     tid=tid,
                     name=thread.stack.name if thread.stack is not None else None,
@@ -230,20 +265,27 @@ class Tracker:
                     stack=thread.stack,
                 )
                 threads.append(report)
-                # Only stacks that still describe the thread may fill a role.
-                if thread.stack is not None and (
+                # A role is filled only by a thread whose stack is its stack *now*: it has not
+                # run since the dump, nor for a while (a busy HTTPS thread caught mid-call by
+                # one dump is not "inside OpenSSL"). A thread already in a role keeps it while
+                # only woken (held), so someone else's ptrace does not make the verdict flap.
+                in_role = tid in track.role_tids
+                settled = (
                     thread.current
-                    or (
-                        thread.stack_at == track.last_dump_at
-                        and now - thread.stack_at <= self.settings.stuck_after
+                    and (
+                        now - thread.moved_at >= self.settings.suspect_after
+                        or state is ThreadState.STUCK
+                        or in_role
                     )
-                ):
-                    fresh.append((report, state is ThreadState.STUCK))
+                ) or (thread.held and in_role)
+                if thread.stack is not None and settled:
+                    candidates.append((report, state is ThreadState.STUCK))
             stuck = frozenset(t.tid for t in threads if t.state is ThreadState.STUCK)
             if stuck - track.stuck_tids:
                 track.want_native = True
             track.stuck_tids = stuck
-            findings = self._match(fresh)
+            findings = self._match(candidates)
+            track.role_tids = frozenset(t.tid for f in findings for _, t in f.threads)
             if findings:
                 verdict = WorkerState.DEADLOCKED
             elif stuck:
@@ -253,16 +295,16 @@ class Tracker:
             reports.append(WorkerReport(ref, verdict, tuple(threads), findings))
         return tuple(reports)
 
-    def _match(self, fresh: list[tuple[ThreadReport, bool]]) -> tuple[Finding, ...]:
-        if not any(stuck for _, stuck in fresh):
+    def _match(self, candidates: list[tuple[ThreadReport, bool]]) -> tuple[Finding, ...]:
+        if not any(stuck for _, stuck in candidates):
             return ()
-        candidates = [(r.stack, stuck) for r, stuck in fresh if r.stack is not None]
+        stacks = [(r.stack, stuck) for r, stuck in candidates if r.stack is not None]
         findings = []
         for signature in self.catalog.signatures:
-            assigned = self.catalog.assign_roles(signature, candidates)
+            assigned = self.catalog.assign_roles(signature, stacks)
             if assigned is not None:
                 pairs = zip(signature.roles, assigned, strict=True)
-                roles = tuple((role.name, fresh[i][0]) for role, i in pairs)
+                roles = tuple((role.name, candidates[i][0]) for role, i in pairs)
                 findings.append(Finding(signature, roles))
         return tuple(findings)
 

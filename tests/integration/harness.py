@@ -1,0 +1,195 @@
+"""Real processes for integration tests: the demo app under gunicorn behind fault proxies, and
+the agent as a real `deadlock-agent watch` subprocess scraped over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgserver import PgServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.demo.faults import FaultProxy, HttpsServer
+from agent.demo.run import Gunicorn, free_port, get
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+@dataclass
+class Metrics:
+    """One scrape, indexed by (sample name, labels)."""
+
+    samples: dict[Sample, float]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample's value, or None when the series is absent."""
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def series(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        """Every series of a sample name."""
+        return {labels: v for (n, labels), v in self.samples.items() if n == name}
+
+
+def parse_metrics(text: str) -> Metrics:
+    """Parse the Prometheus text format with prometheus_client's own parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return Metrics(samples)
+
+
+class AgentProcess:
+    """`python -m agent watch ...` as a real subprocess, with its log kept for failures."""
+
+    def __init__(self, workdir: Path, args: Sequence[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"agent-{self.port}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "watch", "--web.listen-address",
+             f"127.0.0.1:{self.port}", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def log(self) -> str:
+        """Everything the agent logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def scrape(self) -> Metrics:
+        """GET /metrics and parse it."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return parse_metrics(response.read().decode())
+
+    def wait_for(
+        self, what: str, check: Callable[[Metrics], bool], timeout: float, every: float = 0.25
+    ) -> tuple[Metrics, float]:
+        """Scrape until check() holds; return the scrape and how long it took."""
+        started = time.monotonic()
+        last: Metrics | None = None
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(OSError):
+                last = self.scrape()
+                if check(last):
+                    return last, time.monotonic() - started
+            time.sleep(every)
+        raise AssertionError(
+            f"timed out after {timeout:g}s waiting for {what}; last scrape:\n"
+            f"{_interesting(last)}\nagent log:\n{self.log()[-3000:]}"
+        )
+
+    def stop(self) -> int | None:
+        """SIGTERM; returns the exit code (None if it had to be killed)."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    return self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+                    return None
+            return self.proc.returncode
+        finally:
+            self._log.close()
+
+
+def _interesting(metrics: Metrics | None) -> str:
+    if metrics is None:
+        return "(none)"
+    lines = [
+        f"{name}{dict(labels)} {value}"
+        for (name, labels), value in sorted(metrics.samples.items(), key=lambda kv: kv[0][0])
+        if name.startswith("deadlock_agent_") and "build_info" not in name
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class App:
+    """The demo app under real gunicorn, talking to a real PostgreSQL and a real HTTPS server,
+    each behind a FaultProxy that can stall new connections."""
+
+    gunicorn: Gunicorn
+    database: FaultProxy
+    harvest: FaultProxy
+    _traffic: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    results: dict[int, int] = field(default_factory=dict)
+
+    def traffic(self, paths: Sequence[str], concurrency: int) -> None:
+        """Keep `concurrency` clients requesting `paths` round-robin until stop_traffic()."""
+
+        def client(offset: int) -> None:
+            i = offset
+            while not self._stop.is_set():
+                status = get(self.gunicorn.url + paths[i % len(paths)], timeout=30)
+                self.results[status] = self.results.get(status, 0) + 1
+                i += 1
+
+        for n in range(concurrency):
+            thread = threading.Thread(target=client, args=(n,), daemon=True)
+            thread.start()
+            self._traffic.append(thread)
+
+    def stop_traffic(self) -> None:
+        """Stop the clients (each finishes its request in flight)."""
+        self._stop.set()
+        for thread in self._traffic:
+            thread.join(35)
+        self._traffic.clear()
+        self._stop = threading.Event()
+
+
+@contextlib.contextmanager
+def running_app(
+    workdir: Path, postgres: PgServer, *, workers: int = 2, threads: int = 4
+) -> Iterator[App]:
+    """Start proxies, the HTTPS server and gunicorn; tear all down (unstalling first)."""
+    https = HttpsServer(workdir).start()
+    harvest = FaultProxy((https.host, https.port), protocol="tcp").start()
+    database = FaultProxy((postgres.host, postgres.port), protocol="postgres").start()
+    env = {
+        "DEMO_DATABASE_URL": postgres.dsn(port=database.port),
+        "DEMO_HARVEST_URL": f"https://127.0.0.1:{harvest.port}/harvest",
+        "DEMO_CA_FILE": str(https.ca_file),
+        "DEMO_HARVEST_INTERVAL": "1",
+    }
+    gunicorn = None
+    app = None
+    try:
+        gunicorn = Gunicorn(workdir, env, workers=workers, threads=threads)
+        gunicorn.wait_ready(workers=workers)
+        app = App(gunicorn, database, harvest)
+        yield app
+    finally:
+        if app is not None:
+            app._stop.set()
+        database.heal()
+        harvest.heal()
+        if gunicorn is not None:
+            gunicorn.stop()
+        database.close()
+        harvest.close()
+        https.close()
+
+
+def py_spy_dump(pid: int, *, native: bool) -> str:
+    """A raw `py-spy dump --json` (for fixture capture)."""
+    argv = ["py-spy", "dump", "--json", "--pid", str(pid)] + (["--native"] if native else [])
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, check=True,
+        env={**os.environ, "RUST_BACKTRACE": "0"},
+    ).stdout  # fmt: skip
