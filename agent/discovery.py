@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 
+from agent import procfs
 from agent.errors import ConfigError
 from agent.types import WorkerRef
 
@@ -46,19 +47,34 @@ class ProcInfo:
 def find_masters(processes: Iterable[ProcInfo]) -> list[int]:
     """Pure: the gunicorn masters among processes.
 
-    A master is a gunicorn process with gunicorn children none of which has gunicorn children:
-    that skips a wrapper (`newrelic-admin run-program gunicorn`, `honcho`) that did not exec."""
+    Top-down from each gunicorn process whose parent is not one: step into its only gunicorn
+    child while that child runs a different command line (a wrapper such as `timeout 3600
+    gunicorn ...` that did not exec). Workers are forks of the master with its very command
+    line, so a worker that forks children of its own is never taken for a master."""
     procs = {p.pid: p for p in processes}
     gunicorn = {pid for pid, p in procs.items() if is_gunicorn_cmdline(p.cmdline)}
     children: dict[int, list[int]] = {}
-    for pid in gunicorn:
+    for pid in sorted(gunicorn):
         children.setdefault(procs[pid].ppid, []).append(pid)
     masters = []
-    for pid in sorted(gunicorn):
-        kids = children.get(pid, [])
-        if kids and not any(children.get(kid) for kid in kids):
+    for root in sorted(pid for pid in gunicorn if procs[pid].ppid not in gunicorn):
+        pid = root
+        while not _titled(procs[pid], "master"):
+            kids = children.get(pid, [])
+            if len(kids) != 1:
+                break
+            kid = procs[kids[0]]
+            if kid.cmdline == procs[pid].cmdline or _titled(kid, "worker"):
+                break
+            pid = kid.pid
+        if children.get(pid) or _titled(procs[pid], "master"):
             masters.append(pid)
     return masters
+
+
+def _titled(proc: ProcInfo, role: str) -> bool:
+    # gunicorn renames its processes "gunicorn: master [app]" when setproctitle is installed.
+    return bool(proc.cmdline) and proc.cmdline[0].startswith(f"gunicorn: {role}")
 
 
 def read_pidfile(path: str) -> int:
@@ -150,13 +166,15 @@ class Discovery:
         refs = []
         masters = self.masters()
         for master in masters:
+            pids = procfs.children(master.pid)
             try:
-                kids = master.children(recursive=False)
+                if pids is None:  # no /proc children file: psutil scans every process
+                    pids = [kid.pid for kid in master.children(recursive=False)]
             except psutil.NoSuchProcess:
                 continue
-            for kid in kids:
+            for pid in pids:
                 try:
-                    refs.append(WorkerRef(kid.pid, kid.create_time(), master.pid))
+                    refs.append(WorkerRef(pid, psutil.Process(pid).create_time(), master.pid))
                 except psutil.NoSuchProcess:
                     continue
         return tuple(m.pid for m in masters), tuple(sorted(refs))

@@ -145,9 +145,11 @@ def parse_dump(text: str, *, worker: WorkerRef, taken_at: float, native: bool) -
     """Parse `py-spy dump --json` output (a list of threads) into a StackSnapshot."""
     try:
         data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(raw, dict) for raw in data):
+            raise TypeError("expected a list of thread objects")
         threads = tuple(
             ThreadStack(
-                tid=int(raw["os_thread_id"] or raw["thread_id"]),
+                tid=int(raw.get("os_thread_id") or raw["thread_id"]),
                 name=raw.get("thread_name"),
                 frames=tuple(_frame(frame) for frame in raw.get("frames") or ()),
                 native=native,
@@ -155,6 +157,6 @@ def parse_dump(text: str, *, worker: WorkerRef, taken_at: float, native: bool) -
             for raw in data
             if int(raw.get("pid", worker.pid)) == worker.pid
         )
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise PySpyBadOutput(f"unreadable py-spy JSON: {err}", pid=worker.pid) from err
     return StackSnapshot(worker=worker, taken_at=taken_at, native=native, threads=threads)

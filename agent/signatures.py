@@ -43,10 +43,19 @@ def _text(raw: Mapping[str, Any], key: str, where: str) -> str:
     return value.strip()
 
 
+def _tables(raw: Any, where: str) -> list[Mapping[str, Any]]:
+    # `[signature]` (one table) instead of `[[signature]]` (an array of tables) is an easy slip.
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
+        raise SignatureError(f"{where}: expected [[{where}]] (an array of tables)")
+    return raw
+
+
 def parse_catalog(data: Mapping[str, Any]) -> Catalog:
     """Build a Catalog from parsed TOML; raises SignatureError naming the bad entry."""
     idle = []
-    for i, raw in enumerate(data.get("idle", [])):
+    for i, raw in enumerate(_tables(data.get("idle"), "idle")):
         where = f"idle[{i}]"
         idle.append(
             IdleRule(
@@ -61,26 +70,30 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
             )
         )
     signatures = []
-    for i, raw in enumerate(data.get("signature", [])):
+    for i, raw in enumerate(_tables(data.get("signature"), "signature")):
         where = f"signature[{i}]"
         name = _text(raw, "name", where)
         roles = []
-        for j, role in enumerate(raw.get("role", [])):
-            rwhere = f"{where}({name}).role[{j}]"
+        where = f"{where}({name})"
+        for j, role in enumerate(_tables(raw.get("role"), f"{where}.role")):
+            rwhere = f"{where}.role[{j}]"
+            stuck = role.get("stuck", False)
+            if not isinstance(stuck, bool):
+                raise SignatureError(f"{rwhere}.stuck: expected true or false, got {stuck!r}")
             parsed = Role(
                 name=_text(role, "name", rwhere),
                 any_of=_patterns(role.get("any_of"), f"{rwhere}.any_of"),
                 all_of=_patterns(role.get("all_of"), f"{rwhere}.all_of"),
                 none_of=_patterns(role.get("none_of"), f"{rwhere}.none_of"),
-                stuck=bool(role.get("stuck", False)),
+                stuck=stuck,
             )
             if not parsed.any_of and not parsed.all_of:
                 raise SignatureError(f"{rwhere}: needs any_of or all_of")
             roles.append(parsed)
         if not roles:
-            raise SignatureError(f"{where}({name}): needs at least one role")
+            raise SignatureError(f"{where}: needs at least one role")
         if not any(role.stuck for role in roles):
-            raise SignatureError(f"{where}({name}): at least one role must be stuck = true")
+            raise SignatureError(f"{where}: at least one role must be stuck = true")
         signatures.append(
             Signature(
                 name=name,
