@@ -170,6 +170,7 @@ class Tracker:
                 and thread.stack is not None
                 and thread.stack.native
                 and thread.current
+                and stack_key(stack) == stack_key(thread.stack)
             )
             if keep_native:
                 # It has not run since the native dump: that richer stack is still true.

@@ -155,7 +155,12 @@ class App:
 
 @contextlib.contextmanager
 def running_app(
-    workdir: Path, postgres: PgServer, *, workers: int = 2, threads: int = 4
+    workdir: Path,
+    postgres: PgServer,
+    *,
+    workers: int = 2,
+    threads: int = 4,
+    worker_class: str = "gthread",
 ) -> Iterator[App]:
     """Start proxies, the HTTPS server and gunicorn; tear all down (unstalling first)."""
     https = HttpsServer(workdir).start()
@@ -170,7 +175,9 @@ def running_app(
     gunicorn = None
     app = None
     try:
-        gunicorn = Gunicorn(workdir, env, workers=workers, threads=threads)
+        gunicorn = Gunicorn(
+            workdir, env, worker_class=worker_class, workers=workers, threads=threads
+        )
         gunicorn.wait_ready(workers=workers)
         app = App(gunicorn, database, harvest)
         yield app

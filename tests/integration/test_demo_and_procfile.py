@@ -1,0 +1,79 @@
+"""The two ways a new user first meets the agent: `deadlock-agent demo` and `honcho start`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import parse_metrics
+
+from agent.demo.run import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_detects_the_deadlock_and_exits_zero(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--duration", "40",
+         "--web.listen-address", "127.0.0.1:0"],
+        check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, f"{out}\n{result.stderr[-3000:]}"
+    assert "DEADLOCK libpq_ssl_with_https in gunicorn worker" in out
+    assert "[libpq] thread ThreadPoolExecutor" in out and "PQconnectdb" in out
+    assert "[https] thread NR-Harvest-Thread" in out and "SSLSocket.do_handshake" in out
+    assert "[demo] DETECTED" in out
+    assert "Remedy:" in out
+
+
+def test_honcho_start_runs_web_and_monitor(tmp_path: Path) -> None:
+    honcho = shutil.which("honcho")
+    assert honcho, "honcho is a test dependency: pip install -e '.[test]'"
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(free_port()),
+        "TMPDIR": str(tmp_path),
+        "DEADLOCK_AGENT_WEB_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+    }
+    log = (tmp_path / "honcho.log").open("wb")
+    proc = subprocess.Popen(
+        [honcho, "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        metrics = None
+        while time.monotonic() < deadline:
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    metrics = parse_metrics(r.read().decode())
+                if metrics.value("deadlock_agent_workers", state="ok") == 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        text = (tmp_path / "honcho.log").read_text(errors="replace")
+        assert metrics is not None, text
+        assert metrics.value("deadlock_agent_masters") == 1, text
+        assert metrics.value("deadlock_agent_workers", state="ok") == 2, text
+        assert metrics.value("deadlock_agent_up") == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()

@@ -1,0 +1,300 @@
+"""Tracker, dump planning, verdicts and incidents: pure, with the clock passed in."""
+
+from __future__ import annotations
+
+import pytest
+from builders import (
+    GTHREAD_IDLE_POOL,
+    GTHREAD_MAIN,
+    GTHREAD_REQUEST,
+    WORKER,
+    activity,
+    fixture,
+    native,
+    proc,
+    py,
+    snapshot,
+    stack,
+)
+
+from agent.analysis import (
+    CPU_NOISE_TICKS,
+    AnalysisSettings,
+    IncidentBook,
+    Tracker,
+    request_capacity,
+)
+from agent.signatures import load_catalog
+from agent.types import DumpKind, ThreadState, WorkerRef, WorkerState
+
+SETTINGS = AnalysisSettings(stuck_after=10, suspect_after=2, dump_interval=30, native_gap=5)
+MAIN, POOL, OTHER = 100, 101, 102
+
+IN_LIBPQ = (
+    native("poll", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    native("PQsocketPoll", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    native("PQconnectdb", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    py("connect", "psycopg2/__init__.py", 122),
+    *GTHREAD_REQUEST,
+)
+IN_HANDSHAKE = (
+    native("read", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    native("BIO_read", "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
+    py("SSLSocket.do_handshake", "ssl.py", 1383),
+    py("harvest", "app.py", 5),
+)
+
+
+def tracker(**overrides: float) -> Tracker:
+    settings = AnalysisSettings(**{**SETTINGS.__dict__, **overrides})
+    t = Tracker(load_catalog(), settings)
+    t.retain([WORKER])
+    return t
+
+
+def states(t: Tracker, now: float) -> dict[int, ThreadState]:
+    (report,) = t.judge(now)
+    return {th.tid: th.state for th in report.threads}
+
+
+def dump(t: Tracker, at: float, *stacks_: tuple[int, tuple], is_native: bool = False) -> None:  # type: ignore[type-arg]
+    t.observe_stacks(
+        snapshot(*(stack(*frames, tid=tid, is_native=is_native) for tid, frames in stacks_),
+                 at=at, is_native=is_native)
+    )  # fmt: skip
+
+
+def test_a_blocked_thread_is_stuck_exactly_after_stuck_after() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=0))
+    dump(t, 2.5, (POOL, IN_LIBPQ))
+    for now in (1, 2, 3, 4, 5, 6, 7, 8, 9):
+        t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=now))
+        assert states(t, now)[POOL] is ThreadState.RUNNING, now
+    t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=10))
+    (report,) = t.judge(10)
+    assert report.threads[0].state is ThreadState.STUCK
+    assert report.threads[0].stuck_for == 10
+    assert report.state is WorkerState.STUCK
+
+
+def test_an_idle_thread_is_never_stuck() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN), at=0))
+    dump(t, 0.5, (POOL, GTHREAD_IDLE_POOL), (MAIN, GTHREAD_MAIN))
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN), at=3600))
+    assert set(states(t, 3600).values()) == {ThreadState.IDLE}
+
+
+@pytest.mark.parametrize(
+    ("cpu_step", "ctx_step", "stuck"),
+    [
+        (0, 0, True),
+        (0, 1, True),  # woken but no CPU: same stack on every dump, so still no progress
+        (CPU_NOISE_TICKS, 0, True),  # a ptrace stop's worth of system time is not progress
+        (CPU_NOISE_TICKS + 1, 0, False),
+        (5, 3, False),
+    ],
+    ids=["frozen", "context-switches-only", "cpu-noise", "cpu-progress", "busy"],
+)
+def test_progress_is_cpu_time_or_a_changing_stack(
+    cpu_step: int, ctx_step: int, stuck: bool
+) -> None:
+    t = tracker()
+    cpu = ctx = 0
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    for now in range(1, 13):
+        if now in (4, 8):  # two wake-ups (or bursts of work) during the 12 s
+            cpu += cpu_step
+            ctx += ctx_step
+        t.observe_proc(proc(activity(tid=POOL, cpu=cpu, ctx=ctx), at=now))
+        if any(kind for _, kind in t.plan(now)):
+            dump(t, now + 0.01, (POOL, IN_LIBPQ))
+            t.observe_proc(proc(activity(tid=POOL, cpu=cpu, ctx=ctx), at=now + 0.02),
+                           after_dump=True)  # fmt: skip
+    assert (states(t, 12.5)[POOL] is ThreadState.STUCK) is stuck
+
+
+def test_our_own_dump_does_not_count_as_the_thread_running() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=0))
+    dump(t, 3, (POOL, IN_LIBPQ), is_native=True)
+    # The dump stopped the thread: +2 voluntary switches, seen by the re-baselining scan.
+    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=3.01), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=4))
+    assert t.plan(4) == []
+    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=10))
+    assert states(t, 10)[POOL] is ThreadState.STUCK
+
+
+def test_a_stuck_thread_woken_by_someone_elses_ptrace_stays_stuck_and_is_rechecked() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=0))
+    dump(t, 3, (POOL, IN_LIBPQ), is_native=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=11))
+    assert states(t, 11)[POOL] is ThreadState.STUCK
+    t.observe_proc(proc(activity(tid=POOL, ctx=14), at=12))  # an outside py-spy came by
+    assert states(t, 12)[POOL] is ThreadState.STUCK
+    # Re-checked now, not after suspect_after; natively, as it has just become stuck.
+    assert t.plan(12) == [(WORKER, DumpKind.NATIVE)]
+    dump(t, 12.1, (POOL, IN_LIBPQ), is_native=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=16), at=12.2), after_dump=True)
+    (report,) = t.judge(13)
+    assert report.threads[0].state is ThreadState.STUCK
+    assert report.threads[0].stuck_for == 13  # unchanged since it stopped at 0
+
+
+def test_a_changed_stack_restarts_the_clock() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL, ctx=1), at=0))
+    dump(t, 3, (POOL, IN_LIBPQ))
+    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=6))  # it ran
+    dump(t, 8, (POOL, (py("other", "app.py", 3), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=12))
+    assert states(t, 12)[POOL] is ThreadState.RUNNING
+    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=16))
+    assert states(t, 16)[POOL] is ThreadState.STUCK
+
+
+def test_plan_is_cheap_when_all_is_quiet_and_seen() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN), at=0))
+    assert t.plan(0) == [(WORKER, DumpKind.PYTHON)]  # never dumped: first look
+    dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL), (MAIN, GTHREAD_MAIN))
+    for now in range(1, 30):
+        t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, ctx=now), at=now))
+        assert t.plan(now) == [], now
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, ctx=31), at=30.2))
+    assert t.plan(30.2) == [(WORKER, DumpKind.PYTHON)]  # --dump-interval refresh
+
+
+def test_plan_escalates_python_then_native_for_a_busy_looking_quiet_thread() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL))
+    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=1))  # picked up a request
+    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=2))
+    assert t.plan(2) == []  # quiet for 1 s only
+    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=3))
+    assert t.plan(3) == [(WORKER, DumpKind.PYTHON)]  # quiet 2 s, stack unseen since it ran
+    dump(t, 3.1, (POOL, (py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=3.2), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=4))
+    assert t.plan(4) == [(WORKER, DumpKind.NATIVE)]  # not idle: which library is it in?
+    dump(t, 4.1, (POOL, IN_LIBPQ), is_native=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=7), at=4.2), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, ctx=7), at=5))
+    assert t.plan(5) == []  # known, native, current: nothing more to learn
+
+
+def test_native_dumps_respect_the_gap_and_the_switch() -> None:
+    t = tracker(native=False)
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 0.1, (POOL, (py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL), at=3))
+    assert t.plan(3) == []  # --no-native: Python frames are all we will get
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 0.1, (POOL, GTHREAD_REQUEST), is_native=True)
+    dump(t, 1, (POOL, (py("x", "app.py"), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL), at=3))
+    assert t.plan(3) == []  # last native dump 2.9 s ago < native_gap 5 s
+    assert t.plan(5.2) == [(WORKER, DumpKind.NATIVE)]
+
+
+def real(name: str, *, frozen_from: float, now: float) -> Tracker:
+    """A tracker fed a real fixture dump, with every thread frozen since `frozen_from`."""
+    snap = fixture(name, at=frozen_from + 2)
+    t = Tracker(load_catalog(), SETTINGS)
+    t.retain([snap.worker])
+    threads = tuple(activity(tid=s.tid) for s in snap.threads)
+    t.observe_proc(proc(*threads, at=frozen_from, worker=snap.worker))
+    t.observe_stacks(snap)
+    t.observe_proc(proc(*threads, at=now, worker=snap.worker))
+    return t
+
+
+def test_real_libpq_ssl_with_https_dump_is_deadlocked_after_stuck_after() -> None:
+    t = real("libpq_ssl_with_https.native", frozen_from=0, now=9)
+    (early,) = t.judge(9)
+    assert early.state is WorkerState.OK
+    assert not early.findings
+    (report,) = t.judge(10)
+    assert report.state is WorkerState.DEADLOCKED
+    (finding,) = report.findings
+    assert finding.signature.name == "libpq_ssl_with_https"
+    roles = dict(finding.threads)
+    assert roles["https"].name == "NR-Harvest-Thread"
+    assert roles["libpq"].request
+    assert request_capacity([report]) == 0.0  # every request thread of this worker hung
+
+
+def test_real_libpq_alone_dump_is_stuck_not_deadlocked() -> None:
+    (report,) = real("libpq_alone.native", frozen_from=0, now=10).judge(10)
+    assert report.state is WorkerState.STUCK
+    assert report.findings == ()
+    harvest = next(th for th in report.threads if th.name == "NR-Harvest-Thread")
+    assert harvest.state is ThreadState.IDLE
+
+
+def test_real_idle_workers_are_ok_and_their_request_threads_known() -> None:
+    (gthread,) = real("idle_gthread.python", frozen_from=0, now=100).judge(100)
+    assert gthread.state is WorkerState.OK
+    assert {th.state for th in gthread.threads} == {ThreadState.IDLE}
+    assert sum(th.request for th in gthread.threads) == 4  # the pool, not the main thread
+    (sync,) = real("idle_sync.python", frozen_from=0, now=100).judge(100)
+    assert [th.request for th in sync.threads] == [True]  # sync: the main thread serves
+    assert request_capacity([gthread, sync]) == 1.0
+
+
+def test_a_busy_https_thread_caught_mid_call_is_not_inside_openssl() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER), at=0))
+    dump(t, 2.1, (POOL, IN_LIBPQ), (OTHER, IN_HANDSHAKE), is_native=True)
+    for now in range(3, 12):  # the HTTPS thread keeps running: it is not blocked in OpenSSL
+        t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER, cpu=now * 5), at=now))
+    (report,) = t.judge(11)
+    assert report.state is WorkerState.STUCK
+
+
+def test_respawned_worker_state_is_dropped() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 2, (POOL, IN_LIBPQ))
+    t.observe_proc(proc(activity(tid=POOL), at=11))
+    assert t.judge(11)[0].state is WorkerState.STUCK
+    reborn = WorkerRef(pid=WORKER.pid, create_time=WORKER.create_time + 11, master_pid=1)
+    t.retain([reborn])  # same pid, new process
+    assert t.workers == (reborn,)
+    t.observe_proc(proc(activity(tid=POOL), at=12, worker=reborn))
+    (report,) = t.judge(12)
+    assert report.worker == reborn
+    assert report.state is WorkerState.OK
+
+
+def test_incidents_are_opened_once_held_while_stuck_and_resolved() -> None:
+    book = IncidentBook()
+    t = real("libpq_ssl_with_https.native", frozen_from=0, now=10)
+    reports = t.judge(10)
+    opened, resolved = book.update(reports, 10)
+    assert [i.signature for i in opened] == ["libpq_ssl_with_https"] and resolved == []
+    for now in (11, 12, 13):
+        assert book.update(reports, now) == ([], [])
+    # Still stuck but the HTTPS thread moved on: same incident, not a new one.
+    stuck_only = [r.__class__(r.worker, WorkerState.STUCK, r.threads, ()) for r in reports]
+    assert book.update(stuck_only, 14) == ([], [])
+    assert book.totals["libpq_ssl_with_https"] == 1
+    ok = [r.__class__(r.worker, WorkerState.OK, r.threads, ()) for r in reports]
+    opened, resolved = book.update(ok, 15)
+    assert opened == [] and [i.resolved_at for i in resolved] == [15]
+    assert book.open == ()
+    book.update(reports, 20)  # a new hang of the same worker is a new incident
+    assert book.totals["libpq_ssl_with_https"] == 2
+
+
+def test_incident_resolves_when_its_worker_is_gone() -> None:
+    book = IncidentBook()
+    reports = real("libpq_ssl_with_https.native", frozen_from=0, now=10).judge(10)
+    book.update(reports, 10)
+    opened, resolved = book.update([], 11)
+    assert opened == [] and len(resolved) == 1

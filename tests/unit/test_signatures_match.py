@@ -1,0 +1,188 @@
+"""Signature and idle-rule matching on real py-spy fixtures (tests/fixtures/pyspy/README.md) and
+on hand-built frames where no modern build can produce them."""
+
+from __future__ import annotations
+
+import pytest
+from builders import GTHREAD_IDLE_POOL, GTHREAD_MAIN, GTHREAD_REQUEST, fixture, native, py, stack
+
+from agent.signatures import Catalog, load_catalog
+from agent.types import ThreadStack
+
+CATALOG = load_catalog()
+BY_NAME = {s.name: s for s in CATALOG.signatures}
+
+
+def busy(
+    stacks: tuple[ThreadStack, ...], catalog: Catalog = CATALOG
+) -> list[tuple[ThreadStack, bool]]:
+    """Candidates as the tracker would give them if every non-idle thread were stuck."""
+    return [(s, catalog.idle_rule(s) is None) for s in stacks]
+
+
+def matched(stacks: tuple[ThreadStack, ...]) -> set[str]:
+    return {
+        sig.name
+        for sig in CATALOG.signatures
+        if CATALOG.assign_roles(sig, busy(stacks)) is not None
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("libpq_ssl_with_https.native", {"libpq_ssl_with_https"}),
+        ("libpq_ssl_with_https.python", {"libpq_ssl_with_https"}),
+        ("libpq_alone.native", set()),
+        ("libpq_alone.python", set()),
+        ("idle_gthread.native", set()),
+        ("idle_gthread.python", set()),
+        ("idle_sync.python", set()),
+        ("idle_gevent.python", set()),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_signatures_on_real_dumps(name: str, expected: set[str]) -> None:
+    assert matched(fixture(name).threads) == expected
+
+
+def test_libpq_ssl_with_https_roles_name_the_right_threads() -> None:
+    snap = fixture("libpq_ssl_with_https.native")
+    sig = BY_NAME["libpq_ssl_with_https"]
+    candidates = busy(snap.threads)
+    assigned = CATALOG.assign_roles(sig, candidates)
+    assert assigned is not None
+    roles = {role.name: candidates[i][0] for role, i in zip(sig.roles, assigned, strict=True)}
+    assert roles["libpq"].name is not None and roles["libpq"].name.startswith("ThreadPoolExecutor")
+    assert any(f.function == "PQconnectdb" for f in roles["libpq"].frames)
+    assert roles["https"].name == "NR-Harvest-Thread"
+    assert any(f.function == "SSLSocket.do_handshake" for f in roles["https"].frames)
+
+
+def test_the_https_thread_need_not_be_stuck_but_the_libpq_thread_must() -> None:
+    snap = fixture("libpq_ssl_with_https.native")
+    sig = BY_NAME["libpq_ssl_with_https"]
+    only_https_stuck = [(s, s.name == "NR-Harvest-Thread") for s in snap.threads]
+    assert CATALOG.assign_roles(sig, only_https_stuck) is None
+    only_libpq_stuck = [
+        (s, (s.name or "").startswith("ThreadPoolExecutor")) for s in snap.threads
+    ]
+    assert CATALOG.assign_roles(sig, only_libpq_stuck) is not None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["idle_gthread.native", "idle_gthread.python", "idle_sync.python", "idle_gevent.python"],
+)
+def test_every_thread_of_an_idle_worker_is_idle(name: str) -> None:
+    for thread in fixture(name).threads:
+        assert CATALOG.idle_rule(thread) is not None, thread
+
+
+def test_stuck_libpq_threads_are_not_idle() -> None:
+    snap = fixture("libpq_alone.native")
+    in_connect = [t for t in snap.threads if any(f.function == "PQconnectdb" for f in t.frames)]
+    assert in_connect
+    assert all(CATALOG.idle_rule(t) is None for t in in_connect)
+
+
+# Frames of the original bug, as old unstripped builds (libpq 9.x, OpenSSL 1.0) showed them.
+LOCK_WAITER = stack(
+    native("__lll_lock_wait", "/lib/x86_64-linux-gnu/libpthread.so.0"),
+    native("pthread_mutex_lock", "/lib/x86_64-linux-gnu/libpthread.so.0"),
+    native("pq_lockingcallback", "/usr/lib/x86_64-linux-gnu/libpq.so.5"),
+    native("CRYPTO_lock", "/lib/x86_64-linux-gnu/libcrypto.so.1.0.0"),
+    native("ssl3_read_bytes", "/lib/x86_64-linux-gnu/libssl.so.1.0.0"),
+    native("pqsecure_read", "/usr/lib/x86_64-linux-gnu/libpq.so.5"),
+    native("PQexec", "/usr/lib/x86_64-linux-gnu/libpq.so.5"),
+    py("execute", "django/db/backends/utils.py", 64),
+    *GTHREAD_REQUEST,
+    tid=11,
+    is_native=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("stacks", "expected"),
+    [
+        ((LOCK_WAITER,), {"libpq_ssl_lock_callback"}),
+        (
+            (
+                stack(
+                    native("CRYPTO_lock", "/lib/libcrypto.so.1.0.0"),
+                    native("SSL_read", "/lib/libssl.so.1.0.0"),
+                    tid=12,
+                    is_native=True,
+                ),
+            ),
+            set(),
+        ),
+        (
+            (
+                stack(
+                    native("pgtls_read", "/usr/lib/libpq.so.5"),
+                    native("SSL_read", "/usr/lib/libssl.so.3"),
+                    py("execute", "psycopg2/extras.py"),
+                    *GTHREAD_REQUEST,
+                    tid=13,
+                ),
+                stack(
+                    native("SSL_read", "/usr/lib/libssl.so.3"),
+                    native("pqsecure_read", "/usr/lib/libpq.so.5"),
+                    py("execute", "psycopg2/extras.py"),
+                    *GTHREAD_REQUEST,
+                    tid=14,
+                ),
+            ),
+            set(),
+        ),
+        (
+            (
+                stack(native("PQexec", "/x/libpq-abc.so.5"), *GTHREAD_REQUEST, tid=15),
+                stack(
+                    py("SSLSocket.recv_into", "ssl.py"),
+                    py("HTTPResponse.read", "urllib3/response.py"),
+                    tid=16,
+                ),
+            ),
+            {"libpq_ssl_with_https"},
+        ),
+    ],
+    ids=[
+        "historical-lock-callback",
+        "crypto-lock-without-mutex-wait",
+        "two-libpq-threads-in-tls-are-not-https",
+        "stripped-libpq-plus-python-https",
+    ],
+)
+def test_signatures_on_built_frames(stacks: tuple[ThreadStack, ...], expected: set[str]) -> None:
+    assert matched(stacks) == expected
+
+
+@pytest.mark.parametrize(
+    ("frames", "idle"),
+    [
+        (GTHREAD_IDLE_POOL, True),
+        (GTHREAD_MAIN, True),
+        ((py("Condition.wait", "threading.py", 320), py("harvest", "newrelic/core.py")), True),
+        (
+            (py("Condition.wait", "threading.py", 320), py("checkout", "pool.py"),
+             *GTHREAD_REQUEST),
+            False,
+        ),
+        ((py("select", "selectors.py"), py("poll_forever", "app.py")), False),
+        (GTHREAD_REQUEST, False),
+        ((native("poll", "/lib/libc.so.6"),), False),
+    ],
+    ids=[
+        "pool-thread-waiting-for-work",
+        "gthread-event-loop",
+        "background-event-wait",
+        "request-thread-waiting-on-a-condition-is-not-idle",
+        "app-select-outside-gunicorn",
+        "request-in-app-code",
+        "no-python-frames",
+    ],
+)
+def test_idle_rules(frames: tuple, idle: bool) -> None:  # type: ignore[type-arg]
+    assert (CATALOG.idle_rule(stack(*frames, tid=1)) is not None) is idle
