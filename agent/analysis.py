@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.signatures import Catalog
 from agent.types import (
+    NO_SIGNATURE,
     DumpKind,
     Finding,
     Incident,
@@ -352,9 +353,13 @@ def incident_id(worker: WorkerRef, signature: str, at: float) -> str:
 
 
 class IncidentBook:
-    """Opens one incident per (worker, signature) and resolves it when the worker recovers."""
+    """Opens one incident per (worker, signature) and resolves it when the worker recovers.
 
-    def __init__(self) -> None:
+    A worker stuck for `stuck_incident_after` seconds with no signature gets an incident too
+    (signature NO_SIGNATURE). Only signature incidents count as deadlocks in `totals`."""
+
+    def __init__(self, *, stuck_incident_after: float = math.inf) -> None:
+        self.stuck_incident_after = stuck_incident_after
         self._open: dict[tuple[WorkerRef, str], Incident] = {}
         self.totals: Counter[str] = Counter()
 
@@ -362,6 +367,12 @@ class IncidentBook:
     def open(self) -> tuple[Incident, ...]:
         """Incidents not yet resolved, oldest first."""
         return tuple(sorted(self._open.values(), key=lambda i: (i.first_seen, i.id)))
+
+    def _opened(self, incident: Incident) -> Incident:
+        self._open[(incident.worker, incident.signature_name)] = incident
+        if incident.signature is not None:
+            self.totals[incident.signature.name] += 1
+        return incident
 
     def update(
         self, reports: Iterable[WorkerReport], now: float
@@ -371,19 +382,29 @@ class IncidentBook:
         opened = []
         for report in by_worker.values():
             for finding in report.findings:
-                key = (report.worker, finding.signature.name)
-                if key in self._open:
-                    continue
-                incident = Incident(
-                    id=incident_id(report.worker, finding.signature.name, now),
+                if (report.worker, finding.signature.name) not in self._open:
+                    opened.append(self._opened(Incident(
+                        id=incident_id(report.worker, finding.signature.name, now),
+                        worker=report.worker,
+                        verdict=WorkerState.DEADLOCKED,
+                        signature=finding.signature,
+                        first_seen=now,
+                        threads=finding.threads,
+                    )))  # fmt: skip
+            stuck = [t for t in report.threads if t.state is ThreadState.STUCK]
+            if (
+                report.state is WorkerState.STUCK
+                and max((t.stuck_for for t in stuck), default=0.0) >= self.stuck_incident_after
+                and (report.worker, NO_SIGNATURE) not in self._open
+            ):
+                opened.append(self._opened(Incident(
+                    id=incident_id(report.worker, NO_SIGNATURE, now),
                     worker=report.worker,
-                    signature=finding.signature.name,
+                    verdict=WorkerState.STUCK,
+                    signature=None,
                     first_seen=now,
-                    finding=finding,
-                )
-                self._open[key] = incident
-                self.totals[finding.signature.name] += 1
-                opened.append(incident)
+                    threads=tuple(("stuck", t) for t in stuck),
+                )))  # fmt: skip
         resolved = []
         for key, incident in list(self._open.items()):
             current = by_worker.get(incident.worker)

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -72,13 +73,18 @@ def install_signal_handlers(events: queue.SimpleQueue[int], stop: threading.Even
     signal.signal(signal.SIGINT, handler)
 
 
-def watch(values: Mapping[str, object]) -> int:
+def host_name(configured: str | None, environ: Mapping[str, str]) -> str:
+    """What notifications call this machine: --host-name, else Heroku's $DYNO, else hostname."""
+    return configured or environ.get("DYNO") or socket.gethostname()
+
+
+def watch(values: Mapping[str, object], environ: Mapping[str, str]) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     from agent.runtime import Agent
 
     config = agent_config(values)
     setup_logging(config.log_level)
-    agent = Agent.create(config)
+    agent = Agent.create(config, host=host_name(config.host_name, environ))
     events: queue.SimpleQueue[int] = queue.SimpleQueue()
     install_signal_handlers(events, agent.stop)
     agent.server.start()
@@ -91,10 +97,12 @@ def watch(values: Mapping[str, object]) -> int:
         "deadlock-agent %s watching %s; metrics on %s/metrics (interval %gs, stuck after %gs)",
         __version__, target, agent.server.url, config.interval, config.stuck_after,
     )
+    notifier = "Slack" if config.slack_webhook_url else "the log (no SLACK_WEBHOOK_URL)"
+    log.info("incidents kept in %s; notifications go to %s", config.incidents_dir, notifier)
     try:
         signum = agent.monitor.run(events)
     finally:
-        agent.server.close()
+        agent.close()
     log.info("received %s; exiting", signal.Signals(signum).name if signum else "stop")
     return EXIT_OK
 
@@ -110,13 +118,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         values = resolve(WATCH_SETTINGS, args, environ)
         if args.command == "watch":
-            return watch(values)
+            return watch(values, environ)
         from agent.demo.run import run_demo
 
         demo_values = resolve(DEMO_SETTINGS, args, environ)
         config = DemoConfig(agent=agent_config(values), **demo_values)
         setup_logging(config.agent.log_level)
-        return run_demo(config)
+        return run_demo(config, host=host_name(config.agent.host_name, environ))
     except ConfigError as err:
         print(f"deadlock-agent: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from agent.analysis import AnalysisSettings
 from agent.errors import ConfigError
+from agent.incidents import DEFAULT_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from agent.server import DEFAULT_LISTEN, parse_listen_address
 
 ENV_PREFIX = "DEADLOCK_AGENT_"
@@ -69,6 +71,16 @@ def log_level(text: str) -> str:
     return upper
 
 
+def http_url(text: str) -> str:
+    """An http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return text.strip()
+
+
 def non_empty(text: str) -> str:
     """Any non-empty text."""
     if not text.strip():
@@ -81,16 +93,26 @@ class Setting:
     """One knob, readable from a flag or an environment variable (the flag wins)."""
 
     name: str
-    flag: str
+    flag: str | None  # None: environment only (secrets do not belong on a command line)
     parse: Callable[[Any], Any]
     default: Any
     help: str
     boolean: bool = False
+    env_name: str | None = None  # when the variable's name is set by convention
+    secret: bool = False  # never echo the value in an error
 
     @property
     def env(self) -> str:
-        """DEADLOCK_AGENT_ + the flag in upper snake case."""
+        """The environment variable: DEADLOCK_AGENT_ + the flag in upper snake case."""
+        if self.env_name is not None:
+            return self.env_name
+        assert self.flag is not None  # noqa: S101 - a setting has a flag or an env_name
         return ENV_PREFIX + self.flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
+
+    @property
+    def names(self) -> str:
+        """How an error names it: "--flag / ENV"."""
+        return f"{self.flag} / {self.env}" if self.flag else self.env
 
 
 WATCH_SETTINGS: tuple[Setting, ...] = (
@@ -116,6 +138,24 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
             "also export deadlock_agent_worker_state with pid labels (high churn on respawn)",
             boolean=True),
     Setting("log_level", "--log-level", log_level, "INFO", "debug, info, warning or error"),
+    Setting("stuck_incident_after", "--stuck-incident-after", positive_float, 60.0,
+            "a worker stuck this long with no known signature becomes an incident too"),
+    Setting("incidents_dir", "--incidents.dir", non_empty, DEFAULT_DIR,
+            "where incident evidence (JSON + text) is kept"),
+    Setting("incidents_max_count", "--incidents.max-count", positive_int, DEFAULT_MAX_COUNT,
+            "keep at most this many incidents (oldest dropped)"),
+    Setting("incidents_max_bytes", "--incidents.max-bytes", positive_int, DEFAULT_MAX_BYTES,
+            "keep incident files within this many bytes (oldest dropped)"),
+    Setting("external_url", "--web.external-url", http_url, None,
+            "public base URL of this agent, for links in notifications"),
+    Setting("host_name", "--host-name", non_empty, None,
+            "host name in notifications (default: $DYNO, else the machine's host name)"),
+    Setting("slack_webhook_url", None, http_url, None,
+            "Slack incoming webhook URL: enables the Slack notifier", env_name="SLACK_WEBHOOK_URL",
+            secret=True),
+    Setting("slack_webhook_url_file", "--slack-webhook-url-file", non_empty, None,
+            "file holding the Slack webhook URL (a mounted secret)",
+            env_name="SLACK_WEBHOOK_URL_FILE"),
 )
 
 DEMO_SETTINGS: tuple[Setting, ...] = (
@@ -141,6 +181,14 @@ class AgentConfig:
     listen_address: str = DEFAULT_LISTEN
     worker_labels: bool = False
     log_level: str = "INFO"
+    stuck_incident_after: float = 60.0
+    incidents_dir: str = DEFAULT_DIR
+    incidents_max_count: int = DEFAULT_MAX_COUNT
+    incidents_max_bytes: int = DEFAULT_MAX_BYTES
+    external_url: str | None = None
+    host_name: str | None = None
+    slack_webhook_url: str | None = field(default=None, repr=False)  # a secret
+    slack_webhook_url_file: str | None = None
 
     def analysis(self) -> AnalysisSettings:
         """The tracker's timing knobs, derived from these settings."""
@@ -173,6 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser, table: Sequence[Setting]) -> 
     """Declare each setting as a flag; defaults stay None so the environment can fill in."""
     for s in table:
         helptext = f"{s.help} [env {s.env}; default {s.default}]"
+        if s.flag is None:
+            continue
         if s.boolean:
             parser.add_argument(
                 s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
@@ -189,7 +239,7 @@ def resolve(
     values: dict[str, Any] = {}
     for s in table:
         raw = getattr(args, s.name, None)
-        source = s.flag
+        source = s.flag or s.env
         if raw is None and s.env in environ:
             raw, source = environ[s.env], s.env
         if raw is None:
@@ -198,7 +248,8 @@ def resolve(
         try:
             values[s.name] = s.parse(raw)
         except ValueError as err:
-            raise ConfigError(f"{s.flag} / {s.env}: {err} (got {raw!r} from {source})") from err
+            shown = "a value" if s.secret else repr(raw)
+            raise ConfigError(f"{s.names}: {err} (got {shown} from {source})") from err
     return values
 
 
@@ -215,4 +266,20 @@ def agent_config(values: Mapping[str, Any]) -> AgentConfig:
         )
     if config.dump_interval < config.interval:
         raise ConfigError("--dump-interval must be at least --interval")
+    if config.stuck_incident_after < config.stuck_after:
+        raise ConfigError("--stuck-incident-after must be at least --stuck-after")
+    if config.slack_webhook_url_file is not None:
+        if config.slack_webhook_url is not None:
+            raise ConfigError("SLACK_WEBHOOK_URL and SLACK_WEBHOOK_URL_FILE are exclusive")
+        path = config.slack_webhook_url_file
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"--slack-webhook-url-file / SLACK_WEBHOOK_URL_FILE: cannot read "
+                              f"{path}: {err.strerror}") from err  # fmt: skip
+        try:
+            url = http_url(text)
+        except ValueError as err:
+            raise ConfigError(f"SLACK_WEBHOOK_URL_FILE {path}: {err}") from err
+        config = replace(config, slack_webhook_url=url)
     return config

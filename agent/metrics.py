@@ -7,7 +7,7 @@ scrape never sees half a cycle. Names are a contract (alert rules, dashboards de
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,8 +29,10 @@ class AgentCollector(Collector):
         version: str,
         py_spy_version: str,
         worker_labels: bool = False,
+        notifications: Callable[[], Mapping[tuple[str, str], int]] | None = None,
     ) -> None:
         self._report = report
+        self._notifications = notifications
         self._version = version
         self._py_spy_version = py_spy_version
         self._worker_labels = worker_labels
@@ -48,6 +50,16 @@ class AgentCollector(Collector):
         )
         info.add_metric([self._version, self._py_spy_version], 1)
         yield info
+        if self._notifications is not None:
+            sent = CounterMetricFamily(
+                f"{PREFIX}_notifications",
+                "Incident notifications by channel (slack, log) and result "
+                "(sent, retried, failed, dropped).",
+                labels=["channel", "result"],
+            )
+            for (channel, result), count in sorted(self._notifications().items()):
+                sent.add_metric([channel, result], count)
+            yield sent
         report = self._report()
         if report is None:
             up = GaugeMetricFamily(f"{PREFIX}_up", "1 when the last cycle sampled every worker.")

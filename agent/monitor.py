@@ -19,6 +19,7 @@ from typing import Protocol
 from agent import procfs
 from agent.analysis import IncidentBook, Tracker
 from agent.errors import ERROR_REASONS, AgentError, ProcessVanished, PtraceDenied
+from agent.incidents import IncidentStore
 from agent.render import incident_record, incident_text
 from agent.types import (
     CycleReport,
@@ -46,6 +47,10 @@ class StackSource(Protocol):
 
 IncidentListener = Callable[[Incident], None]
 
+#: Every reason deadlock_agent_sample_errors_total counts: the errors' own, plus a bug caught at
+#: the top of the loop and a failure to write incident evidence.
+SAMPLE_ERROR_REASONS = (*ERROR_REASONS, "internal", "incident_store")
+
 
 def log_incident(incident: Incident) -> None:
     """The default listener: one structured line per incident event, then readable text."""
@@ -68,6 +73,8 @@ class Monitor:
         proc: str = procfs.DEFAULT_PROC,
         clock: Callable[[], float] = time.time,
         listeners: Sequence[IncidentListener] = (log_incident,),
+        incidents: IncidentBook | None = None,
+        store: IncidentStore | None = None,
     ) -> None:
         self.workers = workers
         self.stacks = stacks
@@ -76,12 +83,13 @@ class Monitor:
         self.proc = proc
         self.clock = clock
         self.listeners = list(listeners)
-        self.incidents = IncidentBook()
+        self.incidents = incidents if incidents is not None else IncidentBook()
+        self.store = store
         self.last_report: CycleReport | None = None
         self.resolved: list[Incident] = []
         self._samples: Counter[str] = Counter()
         self._seconds: dict[str, float] = {}
-        self._errors: Counter[str] = Counter(dict.fromkeys((*ERROR_REASONS, "internal"), 0))
+        self._errors: Counter[str] = Counter(dict.fromkeys(SAMPLE_ERROR_REASONS, 0))
         self._warned: set[tuple[str, int | None]] = set()
 
     def _error(self, err: AgentError) -> None:
@@ -120,29 +128,22 @@ class Monitor:
             self._timed("proc", begun)
             self.tracker.observe_proc(sample)
         for ref, kind in self.tracker.plan(self.clock()):
-            begun = time.perf_counter()
             try:
-                snapshot = self.stacks.dump(ref, native=kind is DumpKind.NATIVE)
+                self._dump(ref, kind)
             except ProcessVanished as err:
                 self._error(err)
                 self.tracker.forget(ref)
-                continue
             except AgentError as err:
                 self._error(err)
                 complete = False
-                continue
-            self._timed(kind.value, begun)
-            self.tracker.observe_stacks(snapshot)
-            try:
-                # The dump itself stopped every thread: re-baseline their counters.
-                baseline = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
-            except AgentError:
-                continue  # the next cycle's scan will tell
-            self.tracker.observe_proc(baseline, after_dump=True)
         now = self.clock()
         reports = self.tracker.judge(now)
         opened, resolved = self.incidents.update(reports, now)
-        for incident in (*opened, *resolved):
+        for incident in opened:
+            self._keep_evidence(incident, self._capture(incident.worker))
+            self._notify(incident)
+        for incident in resolved:
+            self._keep_evidence(incident, None)
             self._notify(incident)
         self.resolved.extend(resolved)
         del self.resolved[:-100]  # keep a short history for later readers, bounded
@@ -161,6 +162,39 @@ class Monitor:
         )
         self.last_report = report  # one reference swap: readers never see half a report
         return report
+
+    def _dump(self, ref: WorkerRef, kind: DumpKind) -> StackSnapshot:
+        """One py-spy dump, folded into the tracker, then a /proc re-baseline."""
+        begun = time.perf_counter()
+        snapshot = self.stacks.dump(ref, native=kind is DumpKind.NATIVE)
+        self._timed(kind.value, begun)
+        self.tracker.observe_stacks(snapshot)
+        try:
+            # The dump itself stopped every thread: re-baseline their counters.
+            baseline = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
+        except AgentError:
+            return snapshot  # the next cycle's scan will tell
+        self.tracker.observe_proc(baseline, after_dump=True)
+        return snapshot
+
+    def _capture(self, worker: WorkerRef) -> StackSnapshot | None:
+        """A full dump of the worker for the incident's evidence (every thread, native)."""
+        kind = DumpKind.NATIVE if self.tracker.settings.native else DumpKind.PYTHON
+        try:
+            return self._dump(worker, kind)
+        except AgentError as err:
+            self._error(err)
+            return None
+
+    def _keep_evidence(self, incident: Incident, snapshot: StackSnapshot | None) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save(incident, snapshot)
+        except OSError as err:
+            self._errors["incident_store"] += 1
+            log.error("cannot write incident %s to %s: %s", incident.id, self.store.directory,
+                      err)  # fmt: skip
 
     def _notify(self, incident: Incident) -> None:
         for listener in self.listeners:

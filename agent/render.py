@@ -30,30 +30,37 @@ def _thread(role: str, thread: ThreadReport) -> dict[str, Any]:
 
 def incident_record(incident: Incident) -> dict[str, Any]:
     """The one structured log line per incident, as a dict (JSON-ready)."""
+    kind = "deadlock" if incident.signature is not None else "stuck_worker"
     return {
-        "event": "deadlock_resolved" if incident.resolved_at is not None else "deadlock_detected",
+        "event": f"{kind}_resolved" if incident.resolved_at is not None else f"{kind}_detected",
         "incident": incident.id,
-        "signature": incident.signature,
+        "signature": incident.signature_name,
+        "verdict": incident.verdict.value,
         "worker_pid": incident.worker.pid,
         "master_pid": incident.worker.master_pid,
         "first_seen": round(incident.first_seen, 3),
         "resolved_at": None if incident.resolved_at is None else round(incident.resolved_at, 3),
-        "threads": [_thread(role, t) for role, t in incident.finding.threads],
-        "remedy": incident.finding.signature.remedy,
+        "threads": [_thread(role, t) for role, t in incident.threads],
+        "remedy": incident.remedy,
     }
 
 
 def incident_text(incident: Incident) -> str:
     """A readable account: headline, each involved thread with its top frames, the remedy."""
-    sig = incident.finding.signature
+    head = (
+        f"DEADLOCK {incident.signature.name}" if incident.signature is not None
+        else "STUCK (no known signature)"
+    )
     lines = [
-        f"DEADLOCK {sig.name} in gunicorn worker {incident.worker.pid} "
+        f"{head} in gunicorn worker {incident.worker.pid} "
         f"(master {incident.worker.master_pid}), incident {incident.id}",
-        f"  {sig.summary}",
+        f"  {incident.summary}",
     ]
-    for role, thread in incident.finding.threads:
+    if incident.resolved_at is not None:
+        lines.append(f"  Resolved after {incident.resolved_at - incident.first_seen:.0f}s.")
+    for role, thread in incident.threads:
         stuck = f", stuck {thread.stuck_for:.0f}s" if thread.stuck_for else ""
         lines.append(f"  [{role}] thread {thread.name or '?'} (tid {thread.tid}{stuck}):")
         lines.extend(f"      {frame}" for frame in top_frames(thread.stack))
-    lines.append(f"  Remedy: {sig.remedy}")
+    lines.append(f"  Remedy: {incident.remedy}")
     return "\n".join(lines)

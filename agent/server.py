@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import logging
 import socket
 import threading
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from agent.errors import ConfigError
+from agent.incidents import IncidentStore
 from agent.types import CycleReport
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,10 @@ class AgentApp:
         *,
         stale_after: float,
         clock: Callable[[], float] = time.time,
+        store: IncidentStore | None = None,
     ) -> None:
         self._metrics = make_wsgi_app(registry)
+        self._store = store
         self._report = report
         self.stale_after = stale_after
         self._clock = clock
@@ -71,7 +75,44 @@ class AgentApp:
             return self._healthz(start_response)
         if path == "/":
             return self._landing(start_response)
+        if path in ("/incidents", "/incidents/") or path.startswith("/incidents/"):
+            return self._incidents(environ, path, start_response)
         return _text(start_response, "404 Not Found", "not found; try /metrics\n")
+
+    def _incidents(
+        self, environ: Environ, path: str, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        if self._store is None:
+            return _text(start_response, "404 Not Found", "incident store disabled\n")
+        incident_id = path[len("/incidents/"):].strip("/") if path.startswith("/incidents/") else ""
+        want_text = "format=text" in environ.get("QUERY_STRING", "") or (
+            "text/plain" in environ.get("HTTP_ACCEPT", "")
+            and "application/json" not in environ.get("HTTP_ACCEPT", "")
+        )
+        if incident_id.endswith(".txt"):
+            incident_id, want_text = incident_id[:-4], True
+        if not incident_id:
+            listing = [
+                {**s.summary, "id": s.id, "url": f"/incidents/{s.id}"}
+                for s in self._store.list()
+            ]
+            if want_text:
+                lines = [
+                    f"{s['id']}  {s.get('verdict')}  worker {s.get('worker_pid')}  "
+                    f"{'resolved' if s.get('resolved_at') else 'OPEN'}"
+                    for s in listing
+                ]
+                return _text(start_response, "200 OK", "\n".join(lines) + "\n")
+            return _json(start_response, "200 OK", listing)
+        if want_text:
+            text = self._store.get_text(incident_id)
+            if text is None:
+                return _text(start_response, "404 Not Found", "no such incident\n")
+            return _text(start_response, "200 OK", text)
+        record = self._store.get(incident_id)
+        if record is None:
+            return _json(start_response, "404 Not Found", {"error": "no such incident"})
+        return _json(start_response, "200 OK", record)
 
     def _healthz(self, start_response: StartResponse) -> Iterable[bytes]:
         report = self._report()
@@ -99,10 +140,16 @@ class AgentApp:
             "<!doctype html><title>deadlock-agent</title><h1>deadlock-agent</h1>"
             f"<p>{html.escape(summary)}</p>"
             '<ul><li><a href="metrics">/metrics</a></li>'
-            '<li><a href="healthz">/healthz</a></li></ul>'
+            '<li><a href="healthz">/healthz</a></li>'
+            '<li><a href="incidents">/incidents</a></li></ul>'
         )
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
         return [body.encode()]
+
+
+def _json(start_response: StartResponse, status: str, body: object) -> list[bytes]:
+    start_response(status, [("Content-Type", "application/json")])
+    return [json.dumps(body, indent=1, sort_keys=True).encode()]
 
 
 def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:

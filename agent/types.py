@@ -166,16 +166,46 @@ class WorkerReport:
     findings: tuple[Finding, ...] = ()
 
 
+#: What an incident of a worker stuck with no known signature is filed under.
+NO_SIGNATURE = "none"
+
+STUCK_REMEDY = (
+    "Threads of this worker have made no progress for a long time and match no known "
+    "signature. Read their stacks (below, and at /incidents) to see what they wait on. Now: "
+    "restart the worker (kill -TERM <worker pid>; the master respawns it). Gunicorn's "
+    "--timeout does not fire while the worker's main loop still heartbeats."
+)
+
+
 @dataclass(frozen=True)
 class Incident:
-    """One deadlock of one worker, from first detection until it recovers or dies."""
+    """One hang of one worker, from first detection until it recovers or dies: a deadlock
+    (a signature matched) or a worker stuck past the longer incident threshold."""
 
     id: str
     worker: WorkerRef
-    signature: str
+    verdict: WorkerState
+    signature: Signature | None
     first_seen: float
-    finding: Finding
+    threads: tuple[tuple[str, ThreadReport], ...]  # (role, thread); role "stuck" when unsigned
     resolved_at: float | None = None
+
+    @property
+    def signature_name(self) -> str:
+        """The signature's name, or NO_SIGNATURE."""
+        return self.signature.name if self.signature is not None else NO_SIGNATURE
+
+    @property
+    def summary(self) -> str:
+        """One sentence on what is wrong."""
+        if self.signature is not None:
+            return self.signature.summary
+        return "Threads of this worker are stuck and match no known signature."
+
+    @property
+    def remedy(self) -> str:
+        """What to do about it."""
+        return self.signature.remedy if self.signature is not None else STUCK_REMEDY
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ def demo_world(workdir: Path) -> Iterator[tuple[FaultProxy, FaultProxy, dict[str
         https.close()
 
 
-def run_demo(config: DemoConfig) -> int:
+def run_demo(config: DemoConfig, *, host: str) -> int:
     """Run the demo; exit 0 once the agent has detected the deadlock, 1 if it never did."""
     from agent.runtime import Agent
 
@@ -189,7 +189,9 @@ def run_demo(config: DemoConfig) -> int:
             say(f"gunicorn master pid {gunicorn.pid}, workers {gunicorn.worker_pids()}, "
                 f"app on {gunicorn.url}")
             agent_config = replace(config.agent, master_pid=gunicorn.pid, pidfile=None)
-            agent = Agent.create(agent_config, listeners=(log_incident, detected.put))
+            agent = Agent.create(
+                agent_config, host=host, listeners=(log_incident, detected.put)
+            )
             agent.server.start()
             monitor_thread = MonitorThread(agent.monitor)
             monitor_thread.start()
@@ -197,6 +199,8 @@ def run_demo(config: DemoConfig) -> int:
                 signal.signal(sig, lambda signum, _frame: events.put(signum))
             say(f"agent watching; metrics on {agent.server.url}/metrics "
                 f"(stuck after {agent_config.stuck_after:g}s)")
+            if agent_config.slack_webhook_url is None:
+                say("no SLACK_WEBHOOK_URL set: the Slack message will be written to the log")
             return _script(config, gunicorn, database, harvest, agent.server.url,
                            agent.monitor, events, detected, started)
         except AgentError as err:
@@ -209,7 +213,7 @@ def run_demo(config: DemoConfig) -> int:
             if monitor_thread is not None:
                 monitor_thread.stop()
             if agent is not None:
-                agent.server.close()
+                agent.close()
             gunicorn.stop()
 
 
@@ -258,6 +262,8 @@ def _script(
     say(f"DETECTED {count} deadlocked worker(s), {time.monotonic() - fault_at:.1f}s after the "
         f"fault; workers {_states(monitor.last_report)}")
     say(f"metrics: curl -s {metrics_url}/metrics | grep deadlock_agent_")
+    say(f"evidence (every thread, native frames): curl -s {metrics_url}/incidents  "
+        f"and {metrics_url}/incidents/<id>.txt")  # fmt: skip
     say("keeping /metrics up " + (
         "; Ctrl-C to stop" if config.duration is None
         else f"until --duration {config.duration:g}s has passed"))

@@ -277,7 +277,7 @@ def test_incidents_are_opened_once_held_while_stuck_and_resolved() -> None:
     t = real("libpq_ssl_with_https.native", frozen_from=0, now=10)
     reports = t.judge(10)
     opened, resolved = book.update(reports, 10)
-    assert [i.signature for i in opened] == ["libpq_ssl_with_https"] and resolved == []
+    assert [i.signature_name for i in opened] == ["libpq_ssl_with_https"] and resolved == []
     for now in (11, 12, 13):
         assert book.update(reports, now) == ([], [])
     # Still stuck but the HTTPS thread moved on: same incident, not a new one.
@@ -298,3 +298,17 @@ def test_incident_resolves_when_its_worker_is_gone() -> None:
     book.update(reports, 10)
     opened, resolved = book.update([], 11)
     assert opened == [] and len(resolved) == 1
+
+
+def test_a_long_stuck_worker_without_signature_becomes_one_incident() -> None:
+    book = IncidentBook(stuck_incident_after=30)
+    t = real("libpq_alone.native", frozen_from=0, now=10)
+    assert book.update(t.judge(10), 10) == ([], [])  # stuck, but not for long enough
+    opened, _ = book.update(t.judge(30), 30)
+    (incident,) = opened
+    assert incident.signature is None and incident.signature_name == "none"
+    assert incident.verdict is WorkerState.STUCK
+    assert {role for role, _ in incident.threads} == {"stuck"}
+    assert "no known signature" in incident.summary and incident.remedy
+    assert book.update(t.judge(40), 40) == ([], [])
+    assert book.totals == {}  # not a deadlock: deadlocks_detected_total does not move

@@ -18,6 +18,7 @@ from agent.config import (
     resolve,
 )
 from agent.errors import EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError
+from agent.incidents import DEFAULT_DIR
 
 # The documented contract (README "Configuration"), written out by hand so a rename shows up here.
 ENV_NAMES = {
@@ -32,6 +33,14 @@ ENV_NAMES = {
     "--web.listen-address": "DEADLOCK_AGENT_WEB_LISTEN_ADDRESS",
     "--web.worker-labels": "DEADLOCK_AGENT_WEB_WORKER_LABELS",
     "--log-level": "DEADLOCK_AGENT_LOG_LEVEL",
+    "--stuck-incident-after": "DEADLOCK_AGENT_STUCK_INCIDENT_AFTER",
+    "--incidents.dir": "DEADLOCK_AGENT_INCIDENTS_DIR",
+    "--incidents.max-count": "DEADLOCK_AGENT_INCIDENTS_MAX_COUNT",
+    "--incidents.max-bytes": "DEADLOCK_AGENT_INCIDENTS_MAX_BYTES",
+    "--web.external-url": "DEADLOCK_AGENT_WEB_EXTERNAL_URL",
+    "--host-name": "DEADLOCK_AGENT_HOST_NAME",
+    "--slack-webhook-url-file": "SLACK_WEBHOOK_URL_FILE",
+    "SLACK_WEBHOOK_URL": "SLACK_WEBHOOK_URL",  # environment only: a secret
     "--duration": "DEADLOCK_AGENT_DURATION",
     "--fault-after": "DEADLOCK_AGENT_FAULT_AFTER",
 }
@@ -48,6 +57,14 @@ DEFAULTS = {
     "listen_address": "127.0.0.1:9808",
     "worker_labels": False,
     "log_level": "INFO",
+    "stuck_incident_after": 60.0,
+    "incidents_dir": DEFAULT_DIR,
+    "incidents_max_count": 200,
+    "incidents_max_bytes": 64 * 1024 * 1024,
+    "external_url": None,
+    "host_name": None,
+    "slack_webhook_url": None,
+    "slack_webhook_url_file": None,
 }
 
 
@@ -76,13 +93,13 @@ def one_line(text: str) -> str:
     ("flag", "env"), sorted(ENV_NAMES.items()), ids=sorted(ENV_NAMES)
 )
 def test_env_var_name_of_each_setting(flag: str, env: str) -> None:
-    setting = next(s for s in (*WATCH_SETTINGS, *DEMO_SETTINGS) if s.flag == flag)
+    setting = next(s for s in (*WATCH_SETTINGS, *DEMO_SETTINGS) if (s.flag or s.env) == flag)
     assert setting.env == env
 
 
 def test_every_setting_is_documented_here() -> None:
     """A new setting must be added to ENV_NAMES (and the README table) on purpose."""
-    assert {s.flag for s in (*WATCH_SETTINGS, *DEMO_SETTINGS)} == set(ENV_NAMES)
+    assert {s.flag or s.env for s in (*WATCH_SETTINGS, *DEMO_SETTINGS)} == set(ENV_NAMES)
 
 
 def test_defaults_when_neither_flag_nor_env() -> None:
@@ -347,3 +364,23 @@ def test_main_missing_py_spy_from_env_exits_3(capsys: pytest.CaptureFixture[str]
            "DEADLOCK_AGENT_WEB_LISTEN_ADDRESS": "127.0.0.1:0"}  # fmt: skip
     assert cli.main(["watch"], env) == EXIT_UNAVAILABLE
     assert "pip install py-spy" in one_line(capsys.readouterr().err)
+
+
+def test_slack_webhook_url_is_a_secret_never_echoed(capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "ftp://hooks.example/T000/B000/s3cr3t-token"
+    code = cli.main(["watch"], environ={"SLACK_WEBHOOK_URL": secret})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "SLACK_WEBHOOK_URL" in err and "s3cr3t" not in err
+    assert "s3cr3t" not in repr(config_of(env={"SLACK_WEBHOOK_URL": "https://h/s3cr3t"}))
+
+
+def test_slack_webhook_url_file(tmp_path: Path) -> None:
+    path = tmp_path / "hook"
+    path.write_text("https://hooks.slack.test/services/T/B/x\n")
+    config = config_of(env={"SLACK_WEBHOOK_URL_FILE": str(path)})
+    assert config.slack_webhook_url == "https://hooks.slack.test/services/T/B/x"
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_of(env={"SLACK_WEBHOOK_URL_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="exclusive"):
+        config_of(env={"SLACK_WEBHOOK_URL_FILE": str(path), "SLACK_WEBHOOK_URL": "https://x/y"})

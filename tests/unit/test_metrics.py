@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from agent.errors import ERROR_REASONS
 from agent.metrics import AgentCollector
+from agent.monitor import SAMPLE_ERROR_REASONS
+from agent.slack import RESULTS
 from agent.types import (
     CycleReport,
     Finding,
@@ -78,8 +80,11 @@ def registry_for(
 ) -> CollectorRegistry:
     """A fresh registry (never the global REGISTRY) exporting this report."""
     registry = CollectorRegistry()
+    # Both notifier channels, as documented (a running agent has one of them).
+    notifications = {(c, r): 1 for c in ("slack", "log") for r in RESULTS}
     registry.register(AgentCollector(lambda: cycle, version="9.8.7", py_spy_version="0.4.3",
-                                     worker_labels=worker_labels))  # fmt: skip
+                                     worker_labels=worker_labels,
+                                     notifications=lambda: notifications))  # fmt: skip
     return registry
 
 
@@ -138,7 +143,7 @@ DOCUMENTED = documented_metrics()
 
 def test_readme_table_was_found() -> None:
     names = [d.name for d in DOCUMENTED]
-    assert len(names) == 15
+    assert len(names) == 16
     assert "deadlock_agent_up" in names
     assert "deadlock_agent_deadlocks_detected_total" in names
 
@@ -170,7 +175,7 @@ def test_documented_error_reasons_are_the_monitors() -> None:
     row = next(line for line in README.read_text().splitlines()
                if line.startswith("| `deadlock_agent_sample_errors_total"))  # fmt: skip
     documented = set(re.findall(r"`(\w+)`", row.split("|")[3]))
-    assert documented == {*ERROR_REASONS, "internal"}
+    assert documented == set(SAMPLE_ERROR_REASONS)
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -269,8 +274,9 @@ def test_up_is_0_without_a_report() -> None:
     assert registry.get_sample_value(
         "deadlock_agent_build_info", {"version": "9.8.7", "py_spy_version": "0.4.3"}
     ) == 1
+    # Notification counts exist from the start: the notifier does not wait for a cycle.
     assert {name for name, _, _ in samples(registry)} == {
-        "deadlock_agent_up", "deadlock_agent_build_info",
+        "deadlock_agent_up", "deadlock_agent_build_info", "deadlock_agent_notifications_total",
     }  # fmt: skip
 
 
