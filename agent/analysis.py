@@ -94,6 +94,7 @@ class _WorkerTrack:
     stuck_tids: frozenset[int] = frozenset()  # stuck at the last judgment
     role_tids: frozenset[int] = frozenset()  # filling a signature role at the last judgment
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
+    native_works: bool = True  # False once py-spy could not unwind it (gevent's greenlets)
 
 
 class Tracker:
@@ -117,6 +118,18 @@ class Tracker:
                 del self._workers[ref]
         for ref in alive:
             self._workers.setdefault(ref, _WorkerTrack(ref))
+
+    def native_failed(self, worker: WorkerRef) -> None:
+        """py-spy cannot unwind this worker natively: plan only Python dumps for it from now."""
+        track = self._workers.get(worker)
+        if track is not None:
+            track.native_works = False
+            track.want_native = False
+
+    def native_allowed(self, worker: WorkerRef) -> bool:
+        """Whether a --native dump of this worker is allowed and has not failed before."""
+        track = self._workers.get(worker)
+        return self.settings.native and (track is None or track.native_works)
 
     def forget(self, worker: WorkerRef) -> None:
         """Drop a worker that vanished mid-cycle."""
@@ -205,8 +218,11 @@ class Tracker:
             watched = track.stuck_tids | track.role_tids
             # Quiet for a while and we have not seen its stack since it last ran; or a thread
             # we called stuck was woken: re-check it now rather than let the verdict flap.
-            unseen = any(not t.current for t in quiet) or any(
-                not t.current for tid, t in track.threads.items() if tid in watched
+            # (at most once per suspect_after: a held verdict stands until then, and a stuck
+            # thread that wakes on a timeout every second must not cost a dump every second)
+            unseen = any(not t.current for t in quiet) or (
+                now - track.last_dump_at >= s.suspect_after
+                and any(not t.current for tid, t in track.threads.items() if tid in watched)
             )
             # Quiet, busy-looking, and we only have its Python frames: the native ones tell
             # whether it is inside libpq or OpenSSL.
@@ -219,6 +235,7 @@ class Tracker:
             )
             if (
                 s.native
+                and track.native_works
                 and (needs_native or track.want_native)
                 and now - track.last_native_at >= s.native_gap
             ):

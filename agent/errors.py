@@ -72,6 +72,12 @@ class PySpyFailed(AgentError):
     reason = "pyspy_failed"
 
 
+class NativeUnwindFailed(PySpyFailed):
+    """py-spy could not unwind native frames (gevent's greenlet stacks do this)."""
+
+    reason = "native_unwind"
+
+
 class PySpyBadOutput(AgentError):
     """py-spy printed something that is not the JSON we expect."""
 
@@ -101,6 +107,7 @@ ERROR_REASONS: tuple[str, ...] = tuple(
                 PySpyMissing,
                 PySpyTimeout,
                 PySpyFailed,
+                NativeUnwindFailed,
                 PySpyBadOutput,
                 ProcReadError,
             )

@@ -18,7 +18,13 @@ from typing import Protocol
 
 from agent import procfs
 from agent.analysis import IncidentBook, Tracker
-from agent.errors import ERROR_REASONS, AgentError, ProcessVanished, PtraceDenied
+from agent.errors import (
+    ERROR_REASONS,
+    AgentError,
+    NativeUnwindFailed,
+    ProcessVanished,
+    PtraceDenied,
+)
 from agent.incidents import IncidentStore
 from agent.render import incident_record, incident_text
 from agent.types import (
@@ -164,9 +170,21 @@ class Monitor:
         return report
 
     def _dump(self, ref: WorkerRef, kind: DumpKind) -> StackSnapshot:
-        """One py-spy dump, folded into the tracker, then a /proc re-baseline."""
+        """One py-spy dump, folded into the tracker, then a /proc re-baseline.
+
+        A native dump py-spy cannot unwind (gevent's greenlet stacks: "UNW_EINVAL") is counted,
+        and the worker is watched with Python frames only from then on."""
         begun = time.perf_counter()
-        snapshot = self.stacks.dump(ref, native=kind is DumpKind.NATIVE)
+        try:
+            snapshot = self.stacks.dump(ref, native=kind is DumpKind.NATIVE)
+        except NativeUnwindFailed as err:
+            if kind is not DumpKind.NATIVE:
+                raise
+            self._error(err)
+            log.warning("pid %s: native frames unavailable; using Python frames only", ref.pid)
+            self.tracker.native_failed(ref)
+            kind = DumpKind.PYTHON
+            snapshot = self.stacks.dump(ref, native=False)
         self._timed(kind.value, begun)
         self.tracker.observe_stacks(snapshot)
         try:
@@ -179,7 +197,7 @@ class Monitor:
 
     def _capture(self, worker: WorkerRef) -> StackSnapshot | None:
         """A full dump of the worker for the incident's evidence (every thread, native)."""
-        kind = DumpKind.NATIVE if self.tracker.settings.native else DumpKind.PYTHON
+        kind = DumpKind.NATIVE if self.tracker.native_allowed(worker) else DumpKind.PYTHON
         try:
             return self._dump(worker, kind)
         except AgentError as err:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from agent.errors import (
+    NativeUnwindFailed,
     ProcessVanished,
     PtraceDenied,
     PySpyBadOutput,
@@ -127,6 +128,8 @@ def classify_failure(stderr: str, *, pid: int) -> Exception:
         return PtraceDenied(f"py-spy was denied access: {text}", pid=pid)
     if any(marker in lowered for marker in _VANISHED_MARKERS):
         return ProcessVanished(f"py-spy: {text}", pid=pid)
+    if "unw_" in lowered:  # libunwind: "UNW_EINVAL", "UNW_EBADREG" on greenlet stacks
+        return NativeUnwindFailed(f"py-spy could not unwind native frames: {text}", pid=pid)
     return PySpyFailed(f"py-spy failed: {text or 'no output'}", pid=pid)
 
 

@@ -23,6 +23,9 @@ from agent.render import top_frames
 from agent.types import Incident, ThreadReport
 
 log = logging.getLogger(__name__)
+# urllib3 logs each request line ("POST /services/T…/B…/secret HTTP/1.1") at DEBUG: the
+# webhook's path is its secret, so that logger never speaks below WARNING.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.WARNING)
 
 RESULTS = ("sent", "retried", "failed", "dropped")
 # Block Kit limits (api.slack.com/reference/block-kit/blocks): header text 150 chars, section

@@ -51,7 +51,10 @@ def parse_metrics(text: str) -> Metrics:
 class AgentProcess:
     """`python -m agent watch ...` as a real subprocess, with its log kept for failures."""
 
-    def __init__(self, workdir: Path, args: Sequence[str]) -> None:
+    def __init__(
+        self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None
+    ) -> None:
+        """Start the agent; `env` adds to (or overrides) the inherited environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"agent-{self.port}.log"
@@ -60,6 +63,7 @@ class AgentProcess:
             [sys.executable, "-m", "agent", "watch", "--web.listen-address",
              f"127.0.0.1:{self.port}", *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
         )  # fmt: skip
 
     def log(self) -> str:

@@ -38,10 +38,13 @@ def test_every_worker_class_is_watched_without_harm(
             errors = {
                 dict(labels)["reason"]: v
                 for labels, v in m.series("deadlock_agent_sample_errors_total").items()
-                if v and dict(labels)["reason"] != "vanished"
+                # gevent: py-spy may fail to unwind greenlet stacks natively, once; the agent
+                # then watches that worker with Python frames only.
+                if v and dict(labels)["reason"] not in ("vanished", "native_unwind")
             }
             assert errors == {}, agent.log()
-            assert m.value("deadlock_agent_workers", state="ok") == 2
+            states = m.series("deadlock_agent_workers")
+            assert m.value("deadlock_agent_workers", state="ok") == 2, (states, agent.log())
             assert "Traceback" not in agent.log()
         finally:
             agent.stop()

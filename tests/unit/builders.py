@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from agent.analysis import AnalysisSettings, IncidentBook, Tracker
 from agent.pyspy import parse_dump
+from agent.signatures import load_catalog
 from agent.types import (
     Frame,
+    Incident,
     ProcSample,
     StackSnapshot,
     ThreadActivity,
@@ -86,3 +90,17 @@ GTHREAD_MAIN = (
     py("ThreadWorker.wait_for_and_dispatch_events", "gunicorn/workers/gthread.py", 398),
     py("ThreadWorker.run", "gunicorn/workers/gthread.py", 425),
 )
+
+
+def deadlock_incident(*, at: float = 10.0, pid: int | None = None) -> Incident:
+    """A real incident: the fixture dump judged by the real tracker."""
+    snap = fixture("libpq_ssl_with_https.native", at=2)
+    if pid is not None:
+        snap = replace(snap, worker=WorkerRef(pid, 1000.0, 1))
+    tracker = Tracker(load_catalog(), AnalysisSettings(stuck_after=5, suspect_after=2))
+    tracker.retain([snap.worker])
+    acts = tuple(ThreadActivity(t.tid, 1, "gunicorn", "S", 0, 0, 7, None) for t in snap.threads)
+    tracker.observe_proc(ProcSample(snap.worker, 0.0, acts))
+    tracker.observe_stacks(snap)
+    (incident,), _ = IncidentBook().update(tracker.judge(at), at)
+    return incident

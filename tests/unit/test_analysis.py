@@ -312,3 +312,15 @@ def test_a_long_stuck_worker_without_signature_becomes_one_incident() -> None:
     assert "no known signature" in incident.summary and incident.remedy
     assert book.update(t.judge(40), 40) == ([], [])
     assert book.totals == {}  # not a deadlock: deadlocks_detected_total does not move
+
+
+def test_a_worker_py_spy_cannot_unwind_gets_python_dumps_only() -> None:
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 0.1, (POOL, (py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL), at=3))
+    assert t.plan(3) == [(WORKER, DumpKind.NATIVE)]
+    t.native_failed(WORKER)  # e.g. gevent: py-spy says UNW_EINVAL
+    assert not t.native_allowed(WORKER)
+    assert t.plan(3) == []
+    assert t.plan(40) == [(WORKER, DumpKind.PYTHON)]  # the periodic refresh, Python only

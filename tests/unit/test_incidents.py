@@ -9,28 +9,11 @@ from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import pytest
-from builders import fixture
+from builders import deadlock_incident, fixture
 from prometheus_client import CollectorRegistry
 
-from agent.analysis import AnalysisSettings, IncidentBook, Tracker
 from agent.incidents import IncidentStore
 from agent.server import AgentApp
-from agent.signatures import load_catalog
-from agent.types import Incident, ProcSample, ThreadActivity, WorkerRef
-
-
-def deadlock_incident(*, at: float = 10.0, pid: int | None = None) -> Incident:
-    """A real incident: the fixture dump judged by the real tracker."""
-    snap = fixture("libpq_ssl_with_https.native", at=2)
-    if pid is not None:
-        snap = replace(snap, worker=WorkerRef(pid, 1000.0, 1))
-    tracker = Tracker(load_catalog(), AnalysisSettings(stuck_after=5, suspect_after=2))
-    tracker.retain([snap.worker])
-    acts = tuple(ThreadActivity(t.tid, 1, "gunicorn", "S", 0, 0, 7, None) for t in snap.threads)
-    tracker.observe_proc(ProcSample(snap.worker, 0.0, acts))
-    tracker.observe_stacks(snap)
-    (incident,), _ = IncidentBook().update(tracker.judge(at), at)
-    return incident
 
 
 def call(app: AgentApp, path: str, *, accept: str = "", query: str = "") -> tuple[str, bytes]:
