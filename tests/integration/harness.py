@@ -4,6 +4,7 @@ the agent as a real `deadlock-agent watch` subprocess scraped over HTTP."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pgserver import PgServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,10 +60,11 @@ class AgentProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"agent-{self.port}.log"
+        self.incidents_dir = workdir / f"incidents-{self.port}"  # never the shared default
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "watch", "--web.listen-address",
-             f"127.0.0.1:{self.port}", *args],
+             f"127.0.0.1:{self.port}", "--incidents.dir", str(self.incidents_dir), *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=None if env is None else {**os.environ, **env},
         )  # fmt: skip
@@ -69,6 +72,11 @@ class AgentProcess:
     def log(self) -> str:
         """Everything the agent logged so far."""
         return self.log_path.read_text(errors="replace")
+
+    def get_json(self, path: str) -> Any:
+        """GET a JSON endpoint of the agent."""
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return json.loads(response.read())
 
     def scrape(self) -> Metrics:
         """GET /metrics and parse it."""

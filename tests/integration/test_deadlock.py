@@ -127,6 +127,18 @@ def test_healthy_traffic_then_libpq_ssl_with_https_deadlock(
             assert seen, "no worker reported deadlocked per worker"
             assert "deadlock_detected" in agent.log() and SIG in agent.log()
 
+            # The evidence: one incident per deadlocked worker, each with a full native dump.
+            listing = agent.get_json("/incidents")
+            assert sorted(str(i["worker_pid"]) for i in listing) == sorted(seen), listing
+            for item in listing:
+                record = agent.get_json(item["url"])
+                assert record["signature"] == SIG and record["resolved_at"] is None
+                dumped = {t["name"]: t for t in record["dump"]["threads"]}
+                assert "NR-Harvest-Thread" in dumped and "MainThread" in dumped
+                assert record["dump"]["native"] is True
+                assert any(f["function"] == "PQconnectdb" for t in record["dump"]["threads"]
+                           for f in t["frames"])  # fmt: skip
+
             # Recovery: unstall; the hung threads fail, the workers are ok again, no new
             # incidents are counted.
             app.database.heal()
@@ -136,6 +148,8 @@ def test_healthy_traffic_then_libpq_ssl_with_https_deadlock(
             assert incidents(m) == len(seen)
             assert deadlocked(m) == 0
             assert "deadlock_resolved" in agent.log()
+            resolved = agent.get_json("/incidents")
+            assert all(i["resolved_at"] for i in resolved), resolved
         finally:
             app.stop_traffic()
             code = agent.stop()
