@@ -92,7 +92,6 @@ class Monitor:
         self.incidents = incidents if incidents is not None else IncidentBook()
         self.store = store
         self.last_report: CycleReport | None = None
-        self.resolved: list[Incident] = []
         self._samples: Counter[str] = Counter()
         self._seconds: dict[str, float] = {}
         self._errors: Counter[str] = Counter(dict.fromkeys(SAMPLE_ERROR_REASONS, 0))
@@ -151,8 +150,6 @@ class Monitor:
         for incident in resolved:
             self._keep_evidence(incident, None)
             self._notify(incident)
-        self.resolved.extend(resolved)
-        del self.resolved[:-100]  # keep a short history for later readers, bounded
         report = CycleReport(
             finished_at=now,
             duration=time.perf_counter() - started,

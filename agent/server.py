@@ -136,6 +136,10 @@ class AgentApp:
                 f"pid {w.worker.pid}: {w.state.value}" for w in report.workers
             ) or "no gunicorn workers found"
             summary = f"masters {list(report.masters)}; {states}"
+            if report.open_incidents:
+                summary += "; OPEN INCIDENTS: " + ", ".join(
+                    f"{i.id} ({i.verdict.value})" for i in report.open_incidents
+                )
         body = (
             "<!doctype html><title>deadlock-agent</title><h1>deadlock-agent</h1>"
             f"<p>{html.escape(summary)}</p>"

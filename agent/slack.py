@@ -189,10 +189,6 @@ class SlackNotifier:
             self._queue.put_nowait(None)
         self._thread.join(max(0.0, deadline - self._clock()) + 0.5)
 
-    def pending(self) -> int:
-        """Messages waiting to be sent."""
-        return self._queue.qsize()
-
     def _run(self) -> None:
         while not self._stop.is_set():
             payload = self._queue.get()

@@ -250,7 +250,8 @@ def _script(
         if count:
             break
         if time.monotonic() >= next_status:
-            say(f"t+{time.monotonic() - fault_at:.0f}s: workers {_states(monitor.last_report)}")
+            say(f"t+{time.monotonic() - fault_at:.0f}s: workers {_states(monitor.last_report)}; "
+                f"{database.stalled_connections} database handshakes stalled")
             next_status += 3
         if _wait_event(events, 0.2):
             break

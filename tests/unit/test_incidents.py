@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.incidents import IncidentStore
 from agent.server import AgentApp
+from agent.types import CycleReport
 
 
 def call(app: AgentApp, path: str, *, accept: str = "", query: str = "") -> tuple[str, bytes]:
@@ -109,3 +110,14 @@ def test_unknown_or_hostile_ids_are_404(tmp_path: Path, path: str) -> None:
         str(tmp_path)))  # fmt: skip
     status, _ = call(app, path)
     assert status.startswith("404")
+
+
+def test_landing_page_names_open_incidents(tmp_path: Path) -> None:
+    incident = deadlock_incident()
+    report = CycleReport(finished_at=10, duration=0.01, masters=(1,), workers=(), complete=True,
+                         signatures=(), open_incidents=(incident,))  # fmt: skip
+    app = AgentApp(CollectorRegistry(), lambda: report, stale_after=5,
+                   store=IncidentStore(str(tmp_path)))  # fmt: skip
+    status, body = call(app, "/")
+    assert status.startswith("200")
+    assert f"OPEN INCIDENTS: {incident.id} (deadlocked)".encode() in body
