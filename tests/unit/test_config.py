@@ -384,3 +384,11 @@ def test_slack_webhook_url_file(tmp_path: Path) -> None:
         config_of(env={"SLACK_WEBHOOK_URL_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="exclusive"):
         config_of(env={"SLACK_WEBHOOK_URL_FILE": str(path), "SLACK_WEBHOOK_URL": "https://x/y"})
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for setting in (*WATCH_SETTINGS, *DEMO_SETTINGS):
+        assert f"`{setting.env}`" in readme, setting.env
+        if setting.flag is not None:
+            assert f"`{setting.flag}" in readme, setting.flag
