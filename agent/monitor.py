@@ -105,6 +105,8 @@ class Monitor:
         # One line per (reason, pid): a persistent problem must not flood the log every second.
         key = (err.reason, err.pid)
         if key not in self._warned:
+            if len(self._warned) >= 1000:  # pids churn with every respawn: stay bounded
+                self._warned.clear()
             self._warned.add(key)
             (log.error if isinstance(err, PtraceDenied) else log.warning)("%s", err)
 

@@ -101,9 +101,10 @@ def test_slow_slack_never_slows_the_sampling_loop() -> None:
             ticks.append(started)
             next_at += 0.1
             time.sleep(max(0.0, next_at - time.monotonic()))
-        assert max(calls) < 0.02, max(calls)  # enqueueing never waits on the network
+        # Each send takes 2 s; enqueueing must take nothing like it (bounds allow a noisy box).
+        assert max(calls) < 0.05, max(calls)  # enqueueing never waits on the network
         intervals = [b - a for a, b in itertools.pairwise(ticks)]
-        assert max(intervals) < 0.2, max(intervals)  # cadence held while Slack took 2 s/post
+        assert max(intervals) < 0.3, max(intervals)  # cadence held while Slack took 2 s/post
         slack.wait_for(lambda p: True, timeout=20, count=3)
         notifier.close()
         assert len(delivered(slack)) == 3  # slow is not failed: each sent once
