@@ -68,6 +68,7 @@ class _ThreadTrack:
     stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
     stack_at: float = -math.inf  # when the last dump that covered this thread was taken
     request: bool = False  # sticky once seen serving a request
+    idle: bool = False  # the stack matches an idle rule: judged once per dump, not per cycle
     # Since when its (Python) stack is known to be the one it has: set when a dump shows a
     # new stack, kept while later dumps show the same one.
     unchanged_since: float = math.inf
@@ -201,6 +202,7 @@ class Tracker:
                 # It has not run since moved_at, so this stack has been its stack since then.
                 thread.unchanged_since = thread.moved_at
             thread.stack = stack
+            thread.idle = stack is not None and self.catalog.idle_rule(stack) is not None
             thread.stack_at = at
             if stack is not None and not thread.request:
                 thread.request = _serves_requests(stack, tid == snapshot.worker.pid, track.kind)
@@ -230,7 +232,7 @@ class Tracker:
                 t.current
                 and t.stack is not None
                 and not t.stack.native
-                and self.catalog.idle_rule(t.stack) is None
+                and not t.idle
                 for t in quiet
             )
             if (
@@ -253,7 +255,7 @@ class Tracker:
             # No Python stack (not dumped yet, or a native-only thread): never called stuck.
             state = ThreadState.RUNNING if thread.activity.state == "R" else ThreadState.IDLE
             return state, 0.0
-        if self.catalog.idle_rule(stack) is not None:
+        if thread.idle:
             return ThreadState.IDLE, 0.0
         if thread.current or (was_stuck and thread.held):
             # Not run since the dump (or only woken, and a re-dump is planned): the stack is
