@@ -1,8 +1,14 @@
 """Stuck-thread tracking, dump planning, signature matching and incidents. Pure: no I/O, no clock.
 
-Every method takes the time from its caller. The key fact it leans on: a thread whose CPU ticks
-and context-switch counts have not moved since its last stack dump has not run, so that stack is
-still its stack. /proc tells us that for microseconds; py-spy is only asked when it cannot.
+Every method takes the time from its caller. Two facts it leans on:
+
+* a thread whose on-CPU time and times-scheduled count have not moved since its last stack dump
+  has not run, so that stack is still its stack. /proc tells us that for microseconds; py-spy is
+  only asked when it cannot;
+* progress is on-CPU time in nanoseconds (schedstat), net of what our own dumps cost the thread
+  and of a small allowance for what a blocked thread accrues anyway. A thread serving 2 s
+  queries spends ~1.4 ms of CPU per request; a blocked one 0, plus 8-36 us per ptrace stop.
+  Clock ticks (10 ms) cannot tell them apart; nanoseconds separate them by ~40x.
 """
 
 from __future__ import annotations
@@ -38,8 +44,18 @@ _WORKER_KIND = re.compile(
 # A frame of gunicorn handing a request to the app: the thread serves requests.
 _HANDLES_REQUEST = re.compile(r"(^|\.)handle(_request)?$")
 _POOL_WORKER = re.compile(r"(^|\.)_worker$")
-# Being stopped by ptrace (our py-spy, or anyone's) is charged to the thread as a little system
-# time. Up to this many clock ticks (USER_HZ, usually 10 ms each) of CPU is not "progress".
+# What counts as progress (measured on kernel 6.18; see ARCHITECTURE.md, "Progress"):
+#: CPU a blocked thread may accrue in one progress window without it counting as progress:
+#: timer wake-ups, someone else's ptrace stop (8-36 us each). At clock-tick resolution
+#: (no schedstat) it is two ticks instead.
+IDLE_ALLOWANCE_NS = 300_000
+#: ...plus this much per second of the window: threads that poll in slices while they wait
+#: (psycopg 3 waits in 100 ms polls) wake up ~10 times a second.
+IDLE_RATE_NS = 100_000
+#: What one of our own py-spy dumps may cost a blocked thread (measured 8-36 us): only CPU seen
+#: between the scans just before and just after a dump, up to this much, is written off.
+DUMP_ALLOWANCE_NS = 200_000
+#: Ticks of noise allowed at clock-tick resolution (ptrace stops are charged as system time).
 CPU_NOISE_TICKS = 2
 
 
@@ -62,9 +78,11 @@ def stack_key(stack: ThreadStack) -> tuple[tuple[str, str, int], ...]:
 @dataclass
 class _ThreadTrack:
     activity: ThreadActivity
-    moved_at: float  # last scan that saw CPU ticks or context switches change (or first seen)
-    cpu_at: float  # last scan that saw CPU time advance past the noise (or first seen)
-    cpu_ref: int  # CPU ticks at cpu_at
+    moved_at: float  # last scan that saw it run: CPU time or times scheduled moved (or first)
+    cpu_at: float  # last scan that saw progress (or first seen)
+    window_at: float  # start of the current progress window
+    window_ns: int  # its on-CPU ns then
+    written_off_ns: int = 0  # CPU our dumps cost it within the window
     stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
     stack_at: float = -math.inf  # when the last dump that covered this thread was taken
     request: bool = False  # sticky once seen serving a request
@@ -72,17 +90,27 @@ class _ThreadTrack:
     # Since when its (Python) stack is known to be the one it has: set when a dump shows a
     # new stack, kept while later dumps show the same one.
     unchanged_since: float = math.inf
+    dumped_point: str | None = None  # its blocking point right after the last dump
 
     @property
     def current(self) -> bool:
-        """The last dump was taken after the thread last ran: its stack is still its stack."""
-        return self.stack_at >= self.moved_at
+        """Its stack is still the one the last dump saw: it has not run since, or it only woke
+        up without progress and sits at the very blocking point it had then (same syscall
+        arguments, stack and instruction pointers), as a thread polling in slices does."""
+        if self.stack_at >= self.moved_at:
+            return True
+        point = self.activity.blocked_at
+        return self.cpu_at <= self.stack_at and point is not None and point == self.dumped_point
 
     @property
     def held(self) -> bool:
-        """Context switches but no CPU since the last dump: woken, e.g. by someone's ptrace,
-        but most likely where it was. Stuck/role verdicts hold until a dump re-checks."""
+        """Woken since the last dump (e.g. by someone's ptrace) without progress, and not
+        provably where it was: stuck/role verdicts hold until a dump re-checks."""
         return not self.current and self.cpu_at <= self.stack_at
+
+    def quiet(self, now: float) -> float:
+        """Seconds without progress."""
+        return now - self.cpu_at
 
 
 @dataclass
@@ -137,32 +165,41 @@ class Tracker:
         self._workers.pop(worker, None)
 
     def observe_proc(self, sample: ProcSample, *, after_dump: bool = False) -> None:
-        """Fold in a /proc scan: note which threads ran since the last one.
+        """Fold in a /proc scan: note which threads ran, and which made progress.
 
-        A py-spy dump stops every thread of the worker (ptrace), which counts as context
-        switches; `after_dump` re-baselines the counters right after one, so a dump does not
-        make a blocked thread look as if it ran. (CPU ticks do not move for it, and a stack
-        that changed in the dump is noted by observe_stacks.)"""
+        Progress is judged over windows of `suspect_after` seconds: a thread progressed when,
+        within the current window, its on-CPU time grew by more than a blocked thread accrues
+        (`_allowance`), not counting what our own dumps cost it. A py-spy dump stops every
+        thread of the worker (ptrace): `after_dump` marks the scan taken right after one, so
+        the dump's few microseconds and its two context switches are written off instead of
+        making a blocked thread look as if it ran. Only the CPU between the scans just before
+        and after the dump is written off (at most DUMP_ALLOWANCE_NS), never what the thread
+        earned before: a thread that resumed is seen to resume however often it is dumped."""
         track = self._workers.setdefault(sample.worker, _WorkerTrack(sample.worker))
         now = sample.taken_at
+        resolution = sample.resolution_ns
         seen: dict[int, _ThreadTrack] = {}
         for activity in sample.threads:
             old = track.threads.get(activity.tid)
             if old is None or old.activity.start_ticks != activity.start_ticks:
                 seen[activity.tid] = _ThreadTrack(
-                    activity=activity, moved_at=now, cpu_at=now, cpu_ref=activity.cpu_ticks
-                )
+                    activity=activity, moved_at=now, cpu_at=now, window_at=now,
+                    window_ns=activity.cpu_ns,
+                )  # fmt: skip
                 continue
-            if activity.cpu_ticks - old.cpu_ref > CPU_NOISE_TICKS:
-                old.cpu_at = old.moved_at = now
-                old.cpu_ref = activity.cpu_ticks
-            elif after_dump:
-                old.cpu_ref = activity.cpu_ticks  # what the dump cost it is not progress
-            elif (
-                activity.ctx_switches != old.activity.ctx_switches
-                or activity.cpu_ticks != old.activity.cpu_ticks
-            ):
+            step = activity.cpu_ns - old.activity.cpu_ns
+            ran = step != 0 or activity.runs != old.activity.runs
+            if after_dump:
+                old.written_off_ns += min(step, max(DUMP_ALLOWANCE_NS, resolution))
+                old.dumped_point = activity.blocked_at
+            elif ran:
                 old.moved_at = now
+            elapsed = now - old.window_at
+            earned = activity.cpu_ns - old.window_ns - old.written_off_ns
+            if earned > _allowance(elapsed, resolution):
+                old.cpu_at = old.moved_at = now
+            if earned > _allowance(elapsed, resolution) or elapsed >= self.settings.suspect_after:
+                old.window_at, old.window_ns, old.written_off_ns = now, activity.cpu_ns, 0
             old.activity = activity
             seen[activity.tid] = old
         track.threads = seen
@@ -204,6 +241,7 @@ class Tracker:
             thread.stack = stack
             thread.idle = stack is not None and self.catalog.idle_rule(stack) is not None
             thread.stack_at = at
+            thread.dumped_point = thread.activity.blocked_at  # refined by the re-scan after it
             if stack is not None and not thread.request:
                 thread.request = _serves_requests(stack, tid == snapshot.worker.pid, track.kind)
         track.last_dump_at = at
@@ -216,7 +254,7 @@ class Tracker:
         s = self.settings
         plans = []
         for ref, track in sorted(self._workers.items()):
-            quiet = [t for t in track.threads.values() if now - t.moved_at >= s.suspect_after]
+            quiet = [t for t in track.threads.values() if t.quiet(now) >= s.suspect_after]
             watched = track.stuck_tids | track.role_tids
             # Quiet for a while and we have not seen its stack since it last ran; or a thread
             # we called stuck was woken: re-check it now rather than let the verdict flap.
@@ -294,7 +332,7 @@ class Tracker:
                 settled = (
                     thread.current
                     and (
-                        now - thread.moved_at >= self.settings.suspect_after
+                        thread.quiet(now) >= self.settings.suspect_after
                         or state is ThreadState.STUCK
                         or in_role
                     )
@@ -328,6 +366,13 @@ class Tracker:
                 roles = tuple((role.name, candidates[i][0]) for role, i in pairs)
                 findings.append(Finding(signature, roles))
         return tuple(findings)
+
+
+def _allowance(elapsed: float, resolution_ns: int) -> float:
+    """CPU a blocked thread may accrue over `elapsed` seconds without it being progress."""
+    if resolution_ns > 1:  # clock ticks: a ptrace stop can cost a tick of system time
+        return CPU_NOISE_TICKS * resolution_ns
+    return IDLE_ALLOWANCE_NS + IDLE_RATE_NS * max(elapsed, 0.0)
 
 
 def _worker_kind(main: ThreadStack) -> str | None:

@@ -155,6 +155,12 @@ class AgentCollector(Collector):
             value=r.finished_at,
         )
         yield GaugeMetricFamily(
+            f"{PREFIX}_progress_resolution_seconds",
+            "How finely thread progress (on-CPU time) is measured: 1e-09 with schedstat, one "
+            "clock tick (0.01) on kernels without it, where busy threads may look stuck.",
+            value=r.progress_resolution_ns / 1e9,
+        )
+        yield GaugeMetricFamily(
             f"{PREFIX}_cycle_duration_seconds",
             "Wall time of the last sampling cycle.",
             value=r.duration,

@@ -87,6 +87,7 @@ class Monitor:
         self.tracker = tracker
         self.interval = interval
         self.proc = proc
+        self.scanner = procfs.Scanner(proc)
         self.clock = clock
         self.listeners = list(listeners)
         self.incidents = incidents if incidents is not None else IncidentBook()
@@ -123,7 +124,7 @@ class Monitor:
         for ref in refs:
             begun = time.perf_counter()
             try:
-                sample: ProcSample = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
+                sample: ProcSample = self.scanner.scan(ref, now=self.clock())
             except ProcessVanished as err:
                 self._error(err)
                 self.tracker.forget(ref)
@@ -164,6 +165,7 @@ class Monitor:
             sample_seconds=dict(self._seconds),
             sample_errors=dict(self._errors),
             incidents_total=dict(self.incidents.totals),
+            progress_resolution_ns=1 if self.scanner.precise else procfs.NS_PER_TICK,
         )
         self.last_report = report  # one reference swap: readers never see half a report
         return report
@@ -188,7 +190,7 @@ class Monitor:
         self.tracker.observe_stacks(snapshot)
         try:
             # The dump itself stopped every thread: re-baseline their counters.
-            baseline = procfs.scan_worker(ref, now=self.clock(), proc=self.proc)
+            baseline = self.scanner.scan(ref, now=self.clock())
         except AgentError:
             return snapshot  # the next cycle's scan will tell
         self.tracker.observe_proc(baseline, after_dump=True)

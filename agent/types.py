@@ -24,10 +24,13 @@ class ThreadActivity:
     start_ticks: int  # /proc/.../stat field 22: tells a reused tid from the old thread
     comm: str
     state: str  # R, S, D, T, Z ...
-    cpu_ticks: int  # utime + stime
-    ctx_switches: int  # voluntary + nonvoluntary
+    cpu_ns: int  # on-CPU time: schedstat's nanoseconds, or (utime + stime) ticks without it
+    runs: int  # times scheduled (schedstat); voluntary + nonvoluntary switches without it
     syscall: int | None  # None when not readable (no ptrace access) or running
     wchan: str | None
+    # Where it blocks: the syscall line's arguments, stack and instruction pointers (without
+    # the number, which becomes restart_syscall after a ptrace stop). None when unknown.
+    blocked_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ProcSample:
     worker: WorkerRef
     taken_at: float
     threads: tuple[ThreadActivity, ...]
+    # How fine cpu_ns is: 1 with schedstat, one clock tick (usually 10 ms) without it.
+    resolution_ns: int = 1
 
 
 @dataclass(frozen=True)
@@ -224,3 +229,5 @@ class CycleReport:
     sample_seconds: Mapping[str, float] = field(default_factory=dict)
     sample_errors: Mapping[str, int] = field(default_factory=dict)
     incidents_total: Mapping[str, int] = field(default_factory=dict)
+    # How finely progress is measured: 1 ns with schedstat, a clock tick without it.
+    progress_resolution_ns: int = 1

@@ -24,19 +24,25 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "pyspy"
 WORKER = WorkerRef(pid=100, create_time=1000.0, master_pid=1)
 
 
+POLL_POINT = "0x7ffd5e0 0x1 0xffffffff 0x0 0x0 0x0 0x7ffd5a8 0x7f3c1e2d"
+
+
 def activity(
-    *, tid: int, cpu: int = 0, ctx: int = 0, state: str = "S", start: int = 1
+    *, tid: int, cpu_ns: int = 0, runs: int = 0, state: str = "S", start: int = 1,
+    point: str | None = POLL_POINT,
 ) -> ThreadActivity:
-    """One /proc thread reading."""
+    """One /proc thread reading: on-CPU ns, times scheduled, and where it blocks."""
     return ThreadActivity(
-        tid=tid, start_ticks=start, comm="gunicorn", state=state, cpu_ticks=cpu,
-        ctx_switches=ctx, syscall=7, wchan="do_sys_poll",
+        tid=tid, start_ticks=start, comm="gunicorn", state=state, cpu_ns=cpu_ns,
+        runs=runs, syscall=7, wchan="do_sys_poll", blocked_at=point,
     )  # fmt: skip
 
 
-def proc(*threads: ThreadActivity, at: float, worker: WorkerRef = WORKER) -> ProcSample:
+def proc(
+    *threads: ThreadActivity, at: float, worker: WorkerRef = WORKER, resolution_ns: int = 1
+) -> ProcSample:
     """A /proc scan of one worker."""
-    return ProcSample(worker=worker, taken_at=at, threads=threads)
+    return ProcSample(worker=worker, taken_at=at, threads=threads, resolution_ns=resolution_ns)
 
 
 def py(function: str, file: str, line: int = 1) -> Frame:

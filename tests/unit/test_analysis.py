@@ -7,6 +7,7 @@ from builders import (
     GTHREAD_IDLE_POOL,
     GTHREAD_MAIN,
     GTHREAD_REQUEST,
+    POLL_POINT,
     WORKER,
     activity,
     fixture,
@@ -18,7 +19,6 @@ from builders import (
 )
 
 from agent.analysis import (
-    CPU_NOISE_TICKS,
     AnalysisSettings,
     IncidentBook,
     Tracker,
@@ -66,12 +66,12 @@ def dump(t: Tracker, at: float, *stacks_: tuple[int, tuple], is_native: bool = F
 
 def test_a_blocked_thread_is_stuck_exactly_after_stuck_after() -> None:
     t = tracker()
-    t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=0))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=5, runs=10), at=0))
     dump(t, 2.5, (POOL, IN_LIBPQ))
     for now in (1, 2, 3, 4, 5, 6, 7, 8, 9):
-        t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=now))
+        t.observe_proc(proc(activity(tid=POOL, cpu_ns=5, runs=10), at=now))
         assert states(t, now)[POOL] is ThreadState.RUNNING, now
-    t.observe_proc(proc(activity(tid=POOL, cpu=5, ctx=10), at=10))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=5, runs=10), at=10))
     (report,) = t.judge(10)
     assert report.threads[0].state is ThreadState.STUCK
     assert report.threads[0].stuck_for == 10
@@ -86,59 +86,132 @@ def test_an_idle_thread_is_never_stuck() -> None:
     assert set(states(t, 3600).values()) == {ThreadState.IDLE}
 
 
+class Sim:
+    """Drives a Tracker the way the Monitor does, once a second: scan, plan, dump (which costs a
+    blocked thread a few microseconds and two context switches), re-scan, judge."""
+
+    def __init__(self, t: Tracker, frames: tuple = IN_LIBPQ, resolution_ns: int = 1) -> None:  # type: ignore[type-arg]
+        self.t, self.frames, self.resolution = t, frames, resolution_ns
+        self.cpu = self.runs = 0
+        self.point = POLL_POINT
+        self.dumps = 0
+        self.scan(0)
+
+    def scan(self, at: float, *, after_dump: bool = False) -> None:
+        sample = proc(activity(tid=POOL, cpu_ns=self.cpu, runs=self.runs, point=self.point),
+                      at=at, resolution_ns=self.resolution)  # fmt: skip
+        self.t.observe_proc(sample, after_dump=after_dump)
+
+    def second(self, now: float, *, cpu_ns: int = 0, runs: int = 0, dump_cost_ns: int = 20_000
+               ) -> ThreadState:  # fmt: skip
+        """One more second in which the thread used cpu_ns and was scheduled `runs` times."""
+        self.cpu += cpu_ns
+        self.runs += runs
+        self.scan(now)
+        for _, kind in self.t.plan(now):
+            self.dumps += 1
+            dump(self.t, now + 0.01, (POOL, self.frames), is_native=kind is DumpKind.NATIVE)
+            self.cpu += dump_cost_ns
+            self.runs += 2
+            self.scan(now + 0.02, after_dump=True)
+        return states(self.t, now + 0.03)[POOL]
+
+
 @pytest.mark.parametrize(
-    ("cpu_step", "ctx_step", "stuck"),
+    ("cpu_per_second", "runs_per_second", "resolution", "stuck"),
     [
-        (0, 0, True),
-        (0, 1, True),  # woken but no CPU: same stack on every dump, so still no progress
-        (CPU_NOISE_TICKS, 0, True),  # a ptrace stop's worth of system time is not progress
-        (CPU_NOISE_TICKS + 1, 0, False),
-        (5, 3, False),
+        (0, 0, 1, True),
+        (0, 3, 1, True),  # woken without CPU (someone else's ptrace, a spurious wake-up)
+        (36_000, 2, 1, True),  # someone else's py-spy dumping it every second
+        (50_000, 10, 1, True),  # psycopg 3 waiting in 100 ms poll slices, ~5 us a wake-up
+        (700_000, 1, 1, False),  # a thread serving 2 s queries: ~1.4 ms of CPU per request
+        (5_000_000, 5, 1, False),  # light work
+        (0, 0, 10_000_000, True),  # no schedstat: clock ticks
+        (10_000_000, 2, 10_000_000, True),  # ...where 1 tick per 2 s is a ptrace's noise
+        (20_000_000, 2, 10_000_000, False),
     ],
-    ids=["frozen", "context-switches-only", "cpu-noise", "cpu-progress", "busy"],
-)
-def test_progress_is_cpu_time_or_a_changing_stack(
-    cpu_step: int, ctx_step: int, stuck: bool
+    ids=["frozen", "woken-without-cpu", "foreign-ptrace", "psycopg3-poll-slices",
+         "2s-queries", "light-work", "ticks-frozen", "ticks-noise", "ticks-busy"],
+)  # fmt: skip
+def test_progress_is_cpu_nanoseconds_beyond_what_a_blocked_thread_accrues(
+    cpu_per_second: int, runs_per_second: int, resolution: int, stuck: bool
 ) -> None:
-    t = tracker()
-    cpu = ctx = 0
-    t.observe_proc(proc(activity(tid=POOL), at=0))
-    for now in range(1, 13):
-        if now in (4, 8):  # two wake-ups (or bursts of work) during the 12 s
-            cpu += cpu_step
-            ctx += ctx_step
-        t.observe_proc(proc(activity(tid=POOL, cpu=cpu, ctx=ctx), at=now))
-        if any(kind for _, kind in t.plan(now)):
-            dump(t, now + 0.01, (POOL, IN_LIBPQ))
-            t.observe_proc(proc(activity(tid=POOL, cpu=cpu, ctx=ctx), at=now + 0.02),
-                           after_dump=True)  # fmt: skip
-    assert (states(t, 12.5)[POOL] is ThreadState.STUCK) is stuck
+    sim = Sim(tracker(), resolution_ns=resolution)
+    verdicts = [
+        sim.second(now, cpu_ns=cpu_per_second, runs=runs_per_second) for now in range(1, 31)
+    ]
+    assert (verdicts[-1] is ThreadState.STUCK) is stuck
+    if not stuck:  # and never once on the way
+        assert ThreadState.STUCK not in verdicts
+
+
+def test_a_healthy_thread_on_the_same_line_is_never_stuck_however_often_it_is_dumped() -> None:
+    # Back-to-back 2 s queries: every dump catches it at the same line; 1.4 ms per request.
+    sim = Sim(tracker(stuck_after=5))
+    verdicts = []
+    for now in range(1, 61):
+        verdicts.append(sim.second(now, cpu_ns=1_400_000 if now % 2 else 0, runs=4 * (now % 2)))
+    assert ThreadState.STUCK not in verdicts
+
+
+def test_a_stuck_thread_that_resumes_light_work_leaves_stuck_within_suspect_after() -> None:
+    # It was stuck for 15 s, re-dumped all along; each re-dump must not throw away what it
+    # earned since (the old re-baseline kept it stuck in 60 of 60 cycles).
+    sim = Sim(tracker(stuck_after=10, suspect_after=2))
+    for now in range(1, 16):
+        sim.second(now)
+    assert states(sim.t, 15.5)[POOL] is ThreadState.STUCK
+    resumed = [sim.second(now, cpu_ns=5_000_000, runs=5) for now in range(16, 76)]
+    first_ok = resumed.index(ThreadState.RUNNING)
+    assert first_ok + 1 <= 2 + 1, resumed  # within suspect_after + 1 s
+    assert ThreadState.STUCK not in resumed[first_ok:]
+
+
+def test_a_stuck_thread_polling_in_slices_is_not_redumped_every_cycle() -> None:
+    # psycopg 3: wakes 10 times a second at the same blocking point, with no progress: its
+    # stack is still the one dumped, and it is stuck.
+    sim = Sim(tracker())
+    for now in range(1, 31):
+        state = sim.second(now, cpu_ns=50_000, runs=10)
+    assert state is ThreadState.STUCK
+    assert sim.dumps <= 4, sim.dumps  # the first look, the native one, the new-stuck one
+
+
+def test_a_thread_woken_to_another_blocking_point_is_redumped() -> None:
+    sim = Sim(tracker())
+    for now in range(1, 12):
+        sim.second(now)
+    assert states(sim.t, 11.5)[POOL] is ThreadState.STUCK
+    dumps = sim.dumps
+    sim.point = "0x5 0x7ffd 0x10 0x0 0x0 0x0 0x7ffd5a8 0x7f3c1e99"  # it moved, cheaply
+    sim.second(12, runs=2)
+    assert sim.dumps == dumps + 1
 
 
 def test_our_own_dump_does_not_count_as_the_thread_running() -> None:
     t = tracker()
-    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=0))
+    t.observe_proc(proc(activity(tid=POOL, runs=10), at=0))
     dump(t, 3, (POOL, IN_LIBPQ), is_native=True)
     # The dump stopped the thread: +2 voluntary switches, seen by the re-baselining scan.
-    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=3.01), after_dump=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=4))
+    t.observe_proc(proc(activity(tid=POOL, runs=12), at=3.01), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, runs=12), at=4))
     assert t.plan(4) == []
-    t.observe_proc(proc(activity(tid=POOL, ctx=12), at=10))
+    t.observe_proc(proc(activity(tid=POOL, runs=12), at=10))
     assert states(t, 10)[POOL] is ThreadState.STUCK
 
 
 def test_a_stuck_thread_woken_by_someone_elses_ptrace_stays_stuck_and_is_rechecked() -> None:
     t = tracker()
-    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=0))
+    t.observe_proc(proc(activity(tid=POOL, runs=10), at=0))
     dump(t, 3, (POOL, IN_LIBPQ), is_native=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=10), at=11))
+    t.observe_proc(proc(activity(tid=POOL, runs=10), at=11))
     assert states(t, 11)[POOL] is ThreadState.STUCK
-    t.observe_proc(proc(activity(tid=POOL, ctx=14), at=12))  # an outside py-spy came by
+    t.observe_proc(proc(activity(tid=POOL, runs=14), at=12))  # an outside py-spy came by
     assert states(t, 12)[POOL] is ThreadState.STUCK
     # Re-checked now, not after suspect_after; natively, as it has just become stuck.
     assert t.plan(12) == [(WORKER, DumpKind.NATIVE)]
     dump(t, 12.1, (POOL, IN_LIBPQ), is_native=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=16), at=12.2), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, runs=16), at=12.2), after_dump=True)
     (report,) = t.judge(13)
     assert report.threads[0].state is ThreadState.STUCK
     assert report.threads[0].stuck_for == 13  # unchanged since it stopped at 0
@@ -146,13 +219,13 @@ def test_a_stuck_thread_woken_by_someone_elses_ptrace_stays_stuck_and_is_recheck
 
 def test_a_changed_stack_restarts_the_clock() -> None:
     t = tracker()
-    t.observe_proc(proc(activity(tid=POOL, ctx=1), at=0))
+    t.observe_proc(proc(activity(tid=POOL, runs=1), at=0))
     dump(t, 3, (POOL, IN_LIBPQ))
-    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=6))  # it ran
+    t.observe_proc(proc(activity(tid=POOL, runs=5), at=6))  # it ran
     dump(t, 8, (POOL, (py("other", "app.py", 3), *GTHREAD_REQUEST)))
-    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=12))
+    t.observe_proc(proc(activity(tid=POOL, runs=5), at=12))
     assert states(t, 12)[POOL] is ThreadState.RUNNING
-    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=16))
+    t.observe_proc(proc(activity(tid=POOL, runs=5), at=16))
     assert states(t, 16)[POOL] is ThreadState.STUCK
 
 
@@ -162,9 +235,9 @@ def test_plan_is_cheap_when_all_is_quiet_and_seen() -> None:
     assert t.plan(0) == [(WORKER, DumpKind.PYTHON)]  # never dumped: first look
     dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL), (MAIN, GTHREAD_MAIN))
     for now in range(1, 30):
-        t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, ctx=now), at=now))
+        t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, runs=now), at=now))
         assert t.plan(now) == [], now
-    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, ctx=31), at=30.2))
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, runs=31), at=30.2))
     assert t.plan(30.2) == [(WORKER, DumpKind.PYTHON)]  # --dump-interval refresh
 
 
@@ -172,18 +245,18 @@ def test_plan_escalates_python_then_native_for_a_busy_looking_quiet_thread() -> 
     t = tracker()
     t.observe_proc(proc(activity(tid=POOL), at=0))
     dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL))
-    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=1))  # picked up a request
-    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=2))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=1))  # took a request
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=2))
     assert t.plan(2) == []  # quiet for 1 s only
-    t.observe_proc(proc(activity(tid=POOL, ctx=3), at=3))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=3))
     assert t.plan(3) == [(WORKER, DumpKind.PYTHON)]  # quiet 2 s, stack unseen since it ran
     dump(t, 3.1, (POOL, (py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST)))
-    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=3.2), after_dump=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=5), at=4))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=5), at=3.2), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=5), at=4))
     assert t.plan(4) == [(WORKER, DumpKind.NATIVE)]  # not idle: which library is it in?
     dump(t, 4.1, (POOL, IN_LIBPQ), is_native=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=7), at=4.2), after_dump=True)
-    t.observe_proc(proc(activity(tid=POOL, ctx=7), at=5))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=7), at=4.2), after_dump=True)
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=7), at=5))
     assert t.plan(5) == []  # known, native, current: nothing more to learn
 
 
@@ -252,7 +325,8 @@ def test_a_busy_https_thread_caught_mid_call_is_not_inside_openssl() -> None:
     t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER), at=0))
     dump(t, 2.1, (POOL, IN_LIBPQ), (OTHER, IN_HANDSHAKE), is_native=True)
     for now in range(3, 12):  # the HTTPS thread keeps running: it is not blocked in OpenSSL
-        t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER, cpu=now * 5), at=now))
+        t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER, cpu_ns=now * 5_000_000),
+                             at=now))  # fmt: skip
     (report,) = t.judge(11)
     assert report.state is WorkerState.STUCK
 

@@ -14,8 +14,11 @@ import pytest
 
 from agent.errors import ProcessVanished, ProcReadError
 from agent.procfs import (
+    NS_PER_TICK,
+    Scanner,
     children,
     parse_ctx_switches,
+    parse_schedstat,
     parse_stat,
     parse_syscall,
     scan_worker,
@@ -49,8 +52,10 @@ def write_thread(
     stime: int = 3, start: int = 123456, voluntary: int = 11, nonvoluntary: int = 2,
     syscall: str | None = "202 0x7f0 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f1\n",
     wchan: str | None = "futex_wait_queue",
+    schedstat: str | None = "73001234 5002 17\n",
 ) -> Path:
-    """One thread directory under a fake proc root; syscall/wchan None leave the file out."""
+    """One thread directory under a fake proc root; syscall/wchan/schedstat None leave the
+    file out."""
     task = proc / str(pid) / "task" / str(tid)
     task.mkdir(parents=True)
     stat = stat_line(tid=tid, comm=comm, state=state, utime=utime, stime=stime, start=start)
@@ -58,6 +63,8 @@ def write_thread(
     (task / "status").write_text(status_text(voluntary=voluntary, nonvoluntary=nonvoluntary))
     if syscall is not None:
         (task / "syscall").write_text(syscall)
+    if schedstat is not None:
+        (task / "schedstat").write_text(schedstat)
     if wchan is not None:
         (task / "wchan").write_text(wchan)
     return task
@@ -102,20 +109,35 @@ def test_parse_ctx_switches(status: str, expected: int) -> None:
     assert parse_ctx_switches(status) == expected
 
 
+FUTEX_ARGS = "0x7f2a3c0 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f1"
+READ_ARGS = "0x3 0x7f 0x2000 0x0 0x0 0x0 0x7ffd 0x7f1"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("running\n", None),
-     ("-1 0x7ffd1234 0x7f0011\n", None),
-     ("202 0x7f2a3c0 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f1\n", 202),
-     ("0 0x3 0x7f 0x2000 0x0 0x0 0x0 0x7ffd 0x7f1\n", 0),
-     ("7\n", 7),
-     ("", None),
-     ("garbage here\n", None)],
-    ids=["running", "blocked-outside-syscall", "futex", "read-is-zero", "bare-number",
-         "empty", "garbage"],
+    [("running\n", (None, None)),
+     ("-1 0x7ffd1234 0x7f0011\n", (None, None)),
+     (f"202 {FUTEX_ARGS}\n", (202, FUTEX_ARGS)),
+     (f"219 {FUTEX_ARGS}\n", (219, FUTEX_ARGS)),  # restarted after a ptrace stop: same point
+     (f"0 {READ_ARGS}\n", (0, READ_ARGS)),
+     ("7\n", (7, None)),
+     ("", (None, None)),
+     ("garbage here\n", (None, None))],
+    ids=["running", "blocked-outside-syscall", "futex", "restart-syscall", "read-is-zero",
+         "bare-number", "empty", "garbage"],
 )  # fmt: skip
-def test_parse_syscall(text: str, expected: int | None) -> None:
+def test_parse_syscall(text: str, expected: tuple[int | None, str | None]) -> None:
     assert parse_syscall(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("73001234 5002 17\n", (73001234, 17)), ("0 0 0\n", (0, 0)),
+     ("18446744073709551615 1 2\n", (18446744073709551615, 2))],
+    ids=["plain", "zero", "huge"],
+)  # fmt: skip
+def test_parse_schedstat(text: str, expected: tuple[int, int]) -> None:
+    assert parse_schedstat(text) == expected
 
 
 # --- scan_worker against a fake /proc ---------------------------------------------------------
@@ -136,15 +158,32 @@ def test_scan_worker_fake_proc(tmp_path: Path) -> None:
     assert sample.taken_at == 42.5
     assert [t.tid for t in sample.threads] == [100, 103, 105]
     main, running, blocked = sample.threads
+    assert sample.resolution_ns == 1
     assert main == ThreadActivity(
-        tid=100, start_ticks=5000, comm="gunicorn: worker", state="S", cpu_ticks=42,
-        ctx_switches=34, syscall=202, wchan="futex_wait_queue",
+        tid=100, start_ticks=5000, comm="gunicorn: worker", state="S", cpu_ns=73001234,
+        runs=17, syscall=202, wchan="futex_wait_queue",
+        blocked_at="0x7f0 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f1",
     )  # fmt: skip
-    assert (running.syscall, running.wchan) == (None, None)
-    assert (blocked.comm, blocked.state, blocked.cpu_ticks, blocked.start_ticks) == (
-        "ThreadPool)x", "D", 2, 5100,
-    )  # fmt: skip
+    assert (running.syscall, running.wchan, running.blocked_at) == (None, None, None)
+    assert (blocked.comm, blocked.state, blocked.start_ticks) == ("ThreadPool)x", "D", 5100)
     assert (blocked.syscall, blocked.wchan) == (None, None)  # "-1 ..." and wchan "0"
+
+
+def test_without_schedstat_the_scanner_falls_back_to_ticks_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc = tmp_path / "proc"
+    write_thread(proc, pid=600, tid=600, utime=40, stime=2, voluntary=30, nonvoluntary=4,
+                 schedstat=MISSING)  # fmt: skip
+    scanner = Scanner(str(proc))
+    first = scanner.scan(worker(600), now=1.0)
+    second = scanner.scan(worker(600), now=2.0)
+    assert not scanner.precise
+    assert first.resolution_ns == second.resolution_ns == NS_PER_TICK
+    (thread,) = second.threads
+    assert (thread.cpu_ns, thread.runs) == (42 * NS_PER_TICK, 34)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "schedstat is missing" in caplog.records[0].message
 
 
 def test_scan_worker_thread_without_syscall_or_wchan(tmp_path: Path) -> None:
@@ -154,7 +193,8 @@ def test_scan_worker_thread_without_syscall_or_wchan(tmp_path: Path) -> None:
     write_thread(proc, pid=200, tid=201, syscall=MISSING, wchan=MISSING, utime=9, stime=1)
     sample = scan_worker(worker(200), now=1.0, proc=str(proc))
     hidden = next(t for t in sample.threads if t.tid == 201)
-    assert (hidden.syscall, hidden.wchan, hidden.cpu_ticks) == (None, None, 10)
+    assert (hidden.syscall, hidden.wchan, hidden.blocked_at) == (None, None, None)
+    assert hidden.cpu_ns == 73001234
     assert next(t for t in sample.threads if t.tid == 200).syscall == 202
 
 
@@ -217,16 +257,19 @@ def test_scan_worker_real_proc_of_this_process() -> None:
     assert os.getpid() in by_tid  # the main thread's tid is the pid
     assert helper.native_id in by_tid
     assert len(sample.threads) >= 2
+    assert sample.resolution_ns == 1  # this kernel has schedstat
     for t in sample.threads:
-        assert isinstance(t.cpu_ticks, int)
-        assert t.cpu_ticks >= 0
-        assert isinstance(t.ctx_switches, int)
+        assert isinstance(t.cpu_ns, int)
+        assert t.cpu_ns >= 0
+        assert isinstance(t.runs, int)
         assert t.start_ticks > 0
         assert t.state in "RSDTtZXIP"
+    assert by_tid[os.getpid()].cpu_ns > 1_000_000  # this test process has run for a while
     parked_thread = by_tid[helper.native_id]
     assert parked_thread.state == "S"
-    assert parked_thread.ctx_switches > 0
+    assert parked_thread.runs > 0
     assert isinstance(parked_thread.syscall, int)  # our own threads: syscall is readable
+    assert parked_thread.blocked_at  # ...with its arguments and pointers
 
 
 def test_children_lists_real_child_processes(tmp_path: Path) -> None:

@@ -102,6 +102,63 @@ LOCK_WAITER = stack(
 )
 
 
+# A query on an established TLS connection, waiting for its result (captured shape:
+# poll <- PQsocketPoll <- PQgetResult <- PQexec <- psycopg2), and its Python-only view.
+SLOW_QUERY = stack(
+    native("poll", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    native("PQsocketPoll", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    native("PQgetResult", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    native("PQexec", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    py("_query", "agent/demo/app.py", 70),
+    *GTHREAD_REQUEST,
+    tid=21,
+    is_native=True,
+)
+SLOW_QUERY_PYTHON = stack(
+    py("Cursor.execute", "psycopg/cursor.py", 732),
+    py("CursorWrapper._execute", "django/db/backends/utils.py", 89),
+    py("_query", "app/views.py", 70),
+    *GTHREAD_REQUEST,
+    tid=22,
+)
+CONNECTING_PYTHON = stack(py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST, tid=23)
+CONNECTING_DJANGO = stack(
+    py("DatabaseWrapper.get_new_connection", "django/db/backends/postgresql/base.py", 332),
+    py("BaseDatabaseWrapper.connect", "django/db/backends/base/base.py", 256),
+    *GTHREAD_REQUEST,
+    tid=24,
+)
+CLOSING = stack(
+    native("SSL_shutdown", "/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+    native("PQfinish", "/site-packages/psycopg2_binary.libs/libpq-a17e3caa.so.5.17"),
+    py("close", "app/db.py", 12),
+    *GTHREAD_REQUEST,
+    tid=25,
+    is_native=True,
+)
+# The other OpenSSL user: waiting >= 2 s for a slow HTTPS reply, or in a stalled handshake.
+SLOW_HTTPS_REPLY = stack(
+    native("read", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    native("BIO_read", "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
+    py("SSLSocket.recv_into", "ssl.py", 1314),
+    py("SocketIO.readinto", "socket.py", 706),
+    py("HTTPResponse._read_status", "http/client.py", 286),
+    py("harvest", "newrelic/core/agent.py", 5),
+    tid=31,
+    name="NR-Harvest-Thread",
+    is_native=True,
+)
+HANDSHAKE = stack(
+    native("read", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    native("BIO_read", "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
+    py("SSLSocket.do_handshake", "ssl.py", 1383),
+    py("harvest", "newrelic/core/agent.py", 5),
+    tid=32,
+    name="NR-Harvest-Thread",
+    is_native=True,
+)
+
+
 @pytest.mark.parametrize(
     ("stacks", "expected"),
     [
@@ -138,7 +195,7 @@ LOCK_WAITER = stack(
         ),
         (
             (
-                stack(native("PQexec", "/x/libpq-abc.so.5"), *GTHREAD_REQUEST, tid=15),
+                stack(native("PQconnectdb", "/x/libpq-abc.so.5"), *GTHREAD_REQUEST, tid=15),
                 stack(
                     py("SSLSocket.recv_into", "ssl.py"),
                     py("HTTPResponse.read", "urllib3/response.py"),
@@ -147,12 +204,26 @@ LOCK_WAITER = stack(
             ),
             {"libpq_ssl_with_https"},
         ),
+        # The healthy twin of the seed: a slow query on an established connection beside a
+        # thread waiting on a slow HTTPS reply. Same libraries, same waits: not the hang.
+        ((SLOW_QUERY, SLOW_HTTPS_REPLY), set()),
+        ((SLOW_QUERY_PYTHON, SLOW_HTTPS_REPLY), set()),
+        ((SLOW_QUERY, HANDSHAKE), set()),
+        ((CONNECTING_PYTHON, SLOW_HTTPS_REPLY), {"libpq_ssl_with_https"}),
+        ((CONNECTING_DJANGO, HANDSHAKE), {"libpq_ssl_with_https"}),
+        ((CLOSING, HANDSHAKE), {"libpq_ssl_with_https"}),
     ],
     ids=[
         "historical-lock-callback",
         "crypto-lock-without-mutex-wait",
         "two-libpq-threads-in-tls-are-not-https",
-        "stripped-libpq-plus-python-https",
+        "stripped-libpq-connect-plus-python-https",
+        "slow-query-beside-slow-https-reply",
+        "slow-query-python-frames-beside-slow-https-reply",
+        "slow-query-beside-handshake",
+        "connect-python-frames-beside-slow-https-reply",
+        "django-connect-beside-handshake",
+        "teardown-beside-handshake",
     ],
 )
 def test_signatures_on_built_frames(stacks: tuple[ThreadStack, ...], expected: set[str]) -> None:
