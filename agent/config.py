@@ -125,7 +125,8 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
     Setting("native", "--native", boolean, True,
             "allow `py-spy dump --native` (pauses the worker ~50 ms) for workers with a suspect "
             "thread", boolean=True),
-    Setting("py_spy", "--py-spy", non_empty, "py-spy", "the py-spy executable"),
+    Setting("py_spy", "--py-spy", non_empty, "py-spy",
+            "the py-spy executable: a path, or a name looked for beside this Python, then on PATH"),
     Setting("py_spy_timeout", "--py-spy-timeout", positive_float, 5.0,
             "seconds before a py-spy call is killed"),
     Setting("master_pid", "--master-pid", positive_int, None,

@@ -98,10 +98,11 @@ class IncidentStore:
         record["first_seen_iso"] = _iso(incident.first_seen)
         json_path, text_path = self._paths(incident.id)
         with self._lock:
-            if snapshot is None and json_path.exists():
-                # A resolution rewrite keeps the dump captured when the incident opened.
-                old = self._load(json_path)
-                record["dump"] = old.get("dump") if old else None
+            # A resolution rewrite keeps the dump captured when the incident opened. Read, not
+            # exists() then read: the file can be pruned or removed in between.
+            old = self._load(json_path) if snapshot is None else None
+            if old is not None:
+                record["dump"] = old.get("dump")
                 text_tail = _text_dump_part(text_path)
             else:
                 record["dump"] = dump_record(snapshot)
@@ -118,7 +119,7 @@ class IncidentStore:
             except FileNotFoundError:
                 continue
             text = path.with_suffix(".txt")
-            size = stat.st_size + (text.stat().st_size if text.exists() else 0)
+            size = stat.st_size + _size(text)
             entries.append((stat.st_mtime_ns, path.name, path, text, size))
         entries.sort()  # oldest first
         total = sum(e[4] for e in entries)
@@ -169,9 +170,16 @@ class IncidentStore:
     def usage(self) -> tuple[int, int]:
         """(incidents stored, bytes used) right now."""
         files = [p for p in self.directory.iterdir() if p.suffix in (".json", ".txt")]
-        return sum(1 for p in files if p.suffix == ".json"), sum(
-            p.stat().st_size for p in files if p.exists()
-        )
+        # Unlocked: the loop may prune a file between iterdir() and stat(); it then counts 0.
+        return sum(1 for p in files if p.suffix == ".json"), sum(_size(p) for p in files)
+
+
+def _size(path: Path) -> int:
+    """The file's size, or 0 when it is gone (no exists() first: that races with removal)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _iso(ts: float) -> str:

@@ -7,9 +7,12 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.errors import (
@@ -78,6 +81,37 @@ def run_with_timeout(
             child.communicate()
 
 
+def interpreter_dirs(
+    *, scripts: str | None = None, executable: str | None = None
+) -> tuple[str, ...]:
+    """Where pip put this interpreter's scripts: sysconfig's scripts dir, then sys.executable's."""
+    scripts = sysconfig.get_path("scripts") if scripts is None else scripts
+    executable = sys.executable if executable is None else executable
+    # Not resolved: a venv's bin/python is a symlink to the base interpreter, whose directory
+    # does not hold the venv's py-spy.
+    found: list[str] = []
+    for directory in (scripts, str(Path(executable).parent) if executable else ""):
+        if directory and directory not in found:
+            found.append(directory)
+    return tuple(found)
+
+
+def find_executable(
+    name: str, *, search_dirs: Sequence[str] | None = None, path: str | None = None
+) -> str | None:
+    """A name with a slash as given; a bare name in `search_dirs` (this interpreter's), then PATH.
+
+    A service started as /venv/bin/deadlock-agent (systemd, a Dockerfile CMD) often has a PATH
+    without /venv/bin, although pip installed py-spy right there. `path` None means $PATH.
+    """
+    if os.sep in name:
+        return shutil.which(name)  # checks that it is an executable file, searches nothing
+    dirs = interpreter_dirs() if search_dirs is None else search_dirs
+    if dirs and (found := shutil.which(name, path=os.pathsep.join(dirs))):
+        return found
+    return shutil.which(name, path=path)
+
+
 class PySpy:
     """Takes stack dumps of one worker at a time with `py-spy dump --json`."""
 
@@ -89,20 +123,32 @@ class PySpy:
         runner: Runner | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
+        search_dirs: Sequence[str] | None = None,
+        path: str | None = None,
     ) -> None:
         self.executable = executable
         self.timeout = timeout
         self._stop = stop
         self._runner: Runner = runner or self._default_runner
         self._clock = clock
+        self._search_dirs = search_dirs  # None: this interpreter's (interpreter_dirs())
+        self._path = path  # None: $PATH
 
     def _default_runner(self, argv: Sequence[str], *, timeout: float) -> tuple[int, str, str]:
         return run_with_timeout(argv, timeout=timeout, stop=self._stop)
 
     def check(self) -> str:
-        """Return py-spy's version, or raise PySpyMissing with the fix."""
-        if shutil.which(self.executable) is None:
-            raise PySpyMissing(f"{self.executable!r} is not on PATH")
+        """Find py-spy (see find_executable), which dumps then run; return its version."""
+        dirs = interpreter_dirs() if self._search_dirs is None else tuple(self._search_dirs)
+        found = find_executable(self.executable, search_dirs=dirs, path=self._path)
+        if found is None:
+            if os.sep in self.executable:
+                raise PySpyMissing(f"{self.executable!r} was not found or is not executable")
+            where = ", ".join(dirs) if dirs else "no interpreter directory"
+            raise PySpyMissing(
+                f"{self.executable!r} was not found beside this Python ({where}) nor on PATH"
+            )
+        self.executable = found
         code, out, err = self._runner([self.executable, "--version"], timeout=self.timeout)
         if code != 0:
             raise PySpyMissing(f"{self.executable} --version failed: {err.strip() or out.strip()}")

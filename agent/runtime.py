@@ -90,6 +90,7 @@ class Agent:
             registry, lambda: monitor.last_report, stale_after=config.stale_after, store=store
         )
         server = HttpServer(app, config.listen_address)
+        log.info("using py-spy %s at %s", py_spy_version, pyspy.executable)
         return cls(config, monitor, registry, server, notifier, store, stop)
 
     def close(self) -> None:

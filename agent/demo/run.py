@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 class Gunicorn:
-    """A real gunicorn master running agent.demo.app, started and stopped cleanly."""
+    """A real gunicorn master running agent.demo.app (or `app`), started and stopped cleanly."""
 
     def __init__(
         self,
@@ -114,7 +114,12 @@ class Gunicorn:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL the master and any worker it left behind."""
-        workers = [psutil.Process(pid) for pid in self.worker_pids() if psutil.pid_exists(pid)]
+        workers = []
+        for pid in self.worker_pids():
+            try:  # not pid_exists() first: a worker can exit between the check and Process()
+                workers.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -1,8 +1,8 @@
 """Throwaway Prometheus and Alertmanager servers, and a fake Slack, for integration tests.
 
 Debian's `prometheus` (2.42) and `prometheus-alertmanager` (0.25) packages provide the binaries
-(`.ci/run` installs them). Every server here listens on a free 127.0.0.1 port with its own config
-and data directory under `workdir`, so whatever the packages' own services do (9090, 9093,
+(`scripts/test` installs them). Every server here listens on a free 127.0.0.1 port with its own
+config and data directory under `workdir`, so whatever the packages' own services do (9090, 9093,
 /var/lib/prometheus) cannot matter. Logs stay in `workdir` and are quoted in every error.
 """
 
@@ -40,7 +40,7 @@ _POLL = 0.1
 _PORT_ATTEMPTS = 3  # the free-port probe can race with another process binding the port
 _LOG_TAIL_CHARS = 4000
 INSTALL_HINT = (
-    "run .ci/run, or `apt-get install -y --no-install-recommends prometheus "
+    "run scripts/test as root, or `apt-get install -y --no-install-recommends prometheus "
     "prometheus-alertmanager`"
 )
 

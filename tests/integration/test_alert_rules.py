@@ -80,7 +80,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         pytest.fail(
-            "promtool is not installed: run .ci/run, or "
+            "promtool is not installed: run scripts/test as root, or "
             "`apt-get install -y --no-install-recommends prometheus` (Debian's 2.42)"
         )
     return path

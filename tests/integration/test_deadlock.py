@@ -8,6 +8,7 @@ Set DEADLOCK_AGENT_CAPTURE=DIR to also save raw `py-spy dump --json` output of t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -188,7 +189,9 @@ def test_worker_respawn_is_followed(tmp_path: Path, postgres: PgServer) -> None:
             assert sorted(before) == sorted(str(p) for p in app.gunicorn.worker_pids())
             victim = min(int(pid) for pid in before)
             os.kill(victim, signal.SIGKILL)
-            psutil.Process(victim).wait(5) if psutil.pid_exists(victim) else None
+            # Asking pid_exists first races with gunicorn reaping it: just wait, gone or not.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(victim).wait(5)
             died_at = time.monotonic()
             m, _ = agent.wait_for(
                 "old worker forgotten and the new one watched",

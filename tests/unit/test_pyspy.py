@@ -3,20 +3,24 @@ the timeout/stop handling of run_with_timeout, and one real dump of a real child
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import select
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from packaging.requirements import Requirement
 
 from agent.errors import (
     ProcessVanished,
@@ -26,10 +30,11 @@ from agent.errors import (
     PySpyMissing,
     PySpyTimeout,
 )
-from agent.pyspy import PySpy, classify_failure, parse_dump, run_with_timeout
+from agent.pyspy import PySpy, classify_failure, interpreter_dirs, parse_dump, run_with_timeout
 from agent.types import Frame, WorkerRef
 
 WORKER = WorkerRef(pid=4242, create_time=1700000000.0, master_pid=4200)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def py_frame(name: str, short: str, line: int) -> dict[str, Any]:
@@ -310,8 +315,116 @@ def test_check_failing_version_is_missing() -> None:
         PySpy(sys.executable, runner=runner).check()
 
 
-def test_check_real_py_spy() -> None:
-    assert PySpy().check() == "0.4.3"
+def test_check_real_py_spy_is_in_the_declared_range() -> None:
+    """The py-spy pip installed beside this Python is found, and pyproject's bound holds for it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    [declared] = [
+        Requirement(dep) for dep in project["project"]["dependencies"]
+        if Requirement(dep).name == "py-spy"
+    ]  # fmt: skip
+    version = PySpy().check()
+    assert version == importlib.metadata.version("py-spy")
+    assert declared.specifier.contains(version), (version, str(declared))
+
+
+# --- finding py-spy: beside this interpreter first, then PATH ----------------------------------
+
+
+def fake_py_spy(directory: Path, version: str, *, name: str = "py-spy", mode: int = 0o755) -> Path:
+    """A real executable that answers `--version` like py-spy does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(f'#!/bin/sh\necho "py-spy {version}"\n')
+    path.chmod(mode)
+    return path
+
+
+def test_found_beside_the_interpreter_before_path(tmp_path: Path) -> None:
+    venv_bin = fake_py_spy(tmp_path / "venv" / "bin", "1.0.0").parent
+    on_path = fake_py_spy(tmp_path / "usr" / "bin", "2.0.0").parent
+    pyspy = PySpy(search_dirs=[str(venv_bin)], path=str(on_path))
+    assert pyspy.check() == "1.0.0"
+    assert pyspy.executable == str(venv_bin / "py-spy")
+
+
+def test_found_on_path_when_not_beside_the_interpreter(tmp_path: Path) -> None:
+    empty = tmp_path / "venv" / "bin"
+    empty.mkdir(parents=True)
+    on_path = fake_py_spy(tmp_path / "usr" / "bin", "2.0.0").parent
+    pyspy = PySpy(search_dirs=[str(empty)], path=f"{tmp_path / 'nowhere'}:{on_path}")
+    assert pyspy.check() == "2.0.0"
+    assert pyspy.executable == str(on_path / "py-spy")
+
+
+def test_a_non_executable_file_beside_the_interpreter_is_passed_over(tmp_path: Path) -> None:
+    venv_bin = fake_py_spy(tmp_path / "venv" / "bin", "1.0.0", mode=0o644).parent
+    on_path = fake_py_spy(tmp_path / "usr" / "bin", "2.0.0").parent
+    assert PySpy(search_dirs=[str(venv_bin)], path=str(on_path)).check() == "2.0.0"
+
+
+def test_dumps_run_the_executable_found(tmp_path: Path) -> None:
+    venv_bin = fake_py_spy(tmp_path / "venv" / "bin", "1.0.0").parent
+    runner = FakeRunner(out="py-spy 1.0.0\n")
+    pyspy = PySpy(runner=runner, search_dirs=[str(venv_bin)], path="")
+    pyspy.check()
+    runner.result = (0, "[]", "")
+    pyspy.dump(WORKER, native=False)
+    found = str(venv_bin / "py-spy")
+    assert [argv[0] for argv, _ in runner.calls] == [found, found]
+
+
+def test_an_explicit_path_is_used_as_given_and_not_searched(tmp_path: Path) -> None:
+    venv_bin = fake_py_spy(tmp_path / "venv" / "bin", "1.0.0").parent
+    chosen = fake_py_spy(tmp_path / "opt", "3.0.0", name="my-py-spy")
+    pyspy = PySpy(str(chosen), search_dirs=[str(venv_bin)], path=str(venv_bin))
+    assert pyspy.check() == "3.0.0"
+    assert pyspy.executable == str(chosen)
+    missing = str(tmp_path / "opt" / "py-spy")  # a venv/bin/py-spy exists: not a fallback
+    with pytest.raises(PySpyMissing, match="not found or is not executable"):
+        PySpy(missing, search_dirs=[str(venv_bin)], path=str(venv_bin)).check()
+
+
+def test_an_explicit_name_is_looked_for_like_the_default(tmp_path: Path) -> None:
+    venv_bin = fake_py_spy(tmp_path / "venv" / "bin", "1.0.0", name="py-spy-0.4").parent
+    pyspy = PySpy("py-spy-0.4", search_dirs=[str(venv_bin)], path="")
+    assert pyspy.check() == "1.0.0"
+    assert pyspy.executable == str(venv_bin / "py-spy-0.4")
+
+
+def test_not_found_anywhere_names_where_it_looked(tmp_path: Path) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    with pytest.raises(PySpyMissing) as caught:
+        PySpy(search_dirs=[str(venv_bin)], path=str(tmp_path / "usr" / "bin")).check()
+    text = str(caught.value)
+    assert str(venv_bin) in text
+    assert "PATH" in text
+    assert "pip install py-spy" in text
+
+
+def test_interpreter_dirs_keep_a_venv_symlink_unresolved(tmp_path: Path) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)  # what `python -m venv` makes on Linux
+    dirs = interpreter_dirs(scripts=str(tmp_path / "scripts"), executable=str(venv_bin / "python"))
+    assert dirs == (str(tmp_path / "scripts"), str(venv_bin))
+    assert str(Path(sys.executable).resolve().parent) not in dirs
+
+
+@pytest.mark.parametrize(
+    ("scripts", "executable", "expected"),
+    [("/venv/bin", "/venv/bin/python", ("/venv/bin",)),
+     ("", "/usr/bin/python3", ("/usr/bin",)),
+     ("/venv/bin", "", ("/venv/bin",))],
+    ids=["same-dir-once", "no-scripts-dir", "no-executable"],
+)  # fmt: skip
+def test_interpreter_dirs(scripts: str, executable: str, expected: tuple[str, ...]) -> None:
+    assert interpreter_dirs(scripts=scripts, executable=executable) == expected
+
+
+def test_interpreter_dirs_default_to_this_interpreter() -> None:
+    dirs = interpreter_dirs()
+    assert dirs[0] == sysconfig.get_path("scripts")
+    assert str(Path(sys.executable).parent) in dirs
 
 
 # --- run_with_timeout --------------------------------------------------------------------------
