@@ -39,22 +39,33 @@ from agent.types import (
 
 # Which gunicorn worker class a worker runs, from its main thread's frames.
 _WORKER_KIND = re.compile(
-    r"gunicorn/workers/(gthread|sync|ggevent|geventlet|gtornado|base_async)\.py$"
+    r"gunicorn/workers/(gthread|sync|ggevent|geventlet|gtornado|base_async|gasgi)\.py$"
 )
+# Failing that, a main thread running an asyncio event loop: uvicorn's UvicornWorker
+# (uvicorn/workers.py, or uvicorn_worker/_workers.py from the uvicorn-worker package; named
+# too because under uvloop the loop's own frames are Cython, invisible to py-spy), or any
+# worker whose loop is asyncio's. That loop serves every request of the worker.
+_ASYNCIO_KIND = re.compile(r"(^|/)(uvicorn(_worker)?/_?workers|asyncio/base_events)\.py$")
 # A frame of gunicorn handing a request to the app: the thread serves requests.
 _HANDLES_REQUEST = re.compile(r"(^|\.)handle(_request)?$")
 _POOL_WORKER = re.compile(r"(^|\.)_worker$")
-# What counts as progress (measured on kernel 6.18; see ARCHITECTURE.md, "Progress"):
-#: CPU a blocked thread may accrue in one progress window without it counting as progress:
-#: timer wake-ups, someone else's ptrace stop (8-36 us each). At clock-tick resolution
-#: (no schedstat) it is two ticks instead.
-IDLE_ALLOWANCE_NS = 300_000
-#: ...plus this much per second of the window: threads that poll in slices while they wait
-#: (psycopg 3 waits in 100 ms polls) wake up ~10 times a second.
-IDLE_RATE_NS = 100_000
-#: What one of our own py-spy dumps may cost a blocked thread (measured 8-36 us): only CPU seen
-#: between the scans just before and just after a dump, up to this much, is written off.
-DUMP_ALLOWANCE_NS = 200_000
+# What counts as progress, from measurements on this kernel (6.18; ARCHITECTURE.md, "Progress"):
+# a thread blocked with no timeout accrues exactly 0 ns and 0 runs; a slow stream (1 KiB every
+# 0.5-1 s) 27-386 us a second; a request with a 2 s query ~6 ms (new TLS connection each time).
+#: CPU a blocked thread may accrue in one progress window (suspect_after, 2 s) and still not
+#: count as progress, plus IDLE_RATE_NS a second of it.
+IDLE_ALLOWANCE_NS = 25_000
+IDLE_RATE_NS = 10_000
+#: What one of our own py-spy dumps may cost a thread (measured 8-173 us, median 12-47 us): CPU
+#: seen between the scans just before and after a dump, up to this much, is written off.
+DUMP_ALLOWANCE_NS = 250_000
+#: A thread polling in slices (psycopg 3's poll(fd, 1, 100), Event.wait(0.1) loops) wakes 10-13
+#: times a second for 36-100 us each while it waits for nothing. When it is in a timed wait at
+#: the same point as at the last scan and was scheduled at least POLL_MIN_RATE times a second,
+#: up to POLL_WAKE_NS per time scheduled is written off. Streams (1-5 runs a second, in a sleep)
+#: and real requests (~400 us a run) keep their progress.
+POLL_WAKE_NS = 150_000
+POLL_MIN_RATE = 8.0
 #: Ticks of noise allowed at clock-tick resolution (ptrace stops are charged as system time).
 CPU_NOISE_TICKS = 2
 
@@ -82,7 +93,8 @@ class _ThreadTrack:
     cpu_at: float  # last scan that saw progress (or first seen)
     window_at: float  # start of the current progress window
     window_ns: int  # its on-CPU ns then
-    written_off_ns: int = 0  # CPU our dumps cost it within the window
+    written_off_ns: int = 0  # CPU our dumps and its poll slices cost it within the window
+    scanned_at: float = 0.0  # the last scan's time
     stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
     stack_at: float = -math.inf  # when the last dump that covered this thread was taken
     request: bool = False  # sticky once seen serving a request
@@ -184,16 +196,24 @@ class Tracker:
             if old is None or old.activity.start_ticks != activity.start_ticks:
                 seen[activity.tid] = _ThreadTrack(
                     activity=activity, moved_at=now, cpu_at=now, window_at=now,
-                    window_ns=activity.cpu_ns,
+                    window_ns=activity.cpu_ns, scanned_at=now,
                 )  # fmt: skip
                 continue
             step = activity.cpu_ns - old.activity.cpu_ns
-            ran = step != 0 or activity.runs != old.activity.runs
+            runs = activity.runs - old.activity.runs
             if after_dump:
                 old.written_off_ns += min(step, max(DUMP_ALLOWANCE_NS, resolution))
                 old.dumped_point = activity.blocked_at
-            elif ran:
+            elif step or runs:
                 old.moved_at = now
+                if (
+                    activity.timed_wait
+                    and activity.blocked_at is not None
+                    and activity.blocked_at == old.activity.blocked_at
+                    and runs >= POLL_MIN_RATE * (now - old.scanned_at)
+                ):
+                    old.written_off_ns += min(step, POLL_WAKE_NS * runs)
+            old.scanned_at = now
             elapsed = now - old.window_at
             earned = activity.cpu_ns - old.window_ns - old.written_off_ns
             if earned > _allowance(elapsed, resolution):
@@ -242,8 +262,13 @@ class Tracker:
             thread.idle = stack is not None and self.catalog.idle_rule(stack) is not None
             thread.stack_at = at
             thread.dumped_point = thread.activity.blocked_at  # refined by the re-scan after it
-            if stack is not None and not thread.request:
-                thread.request = _serves_requests(stack, tid == snapshot.worker.pid, track.kind)
+            if stack is not None and tid == snapshot.worker.pid:
+                # The main thread serves requests in every worker class but gthread (sync,
+                # gevent's hub, an asyncio event loop such as UvicornWorker's), including
+                # one whose frames do not say (gevent shows the running greenlet's).
+                thread.request = track.kind != "gthread"
+            elif stack is not None and not thread.request:
+                thread.request = _serves_requests(stack, track.kind)
         track.last_dump_at = at
         if snapshot.native:
             track.last_native_at = at
@@ -347,7 +372,9 @@ class Tracker:
             track.role_tids = frozenset(t.tid for f in findings for _, t in f.threads)
             if findings:
                 verdict = WorkerState.DEADLOCKED
-            elif stuck:
+            elif any(t.request and t.state is ThreadState.STUCK for t in threads):
+                # A background thread stuck alone (an APM harvest in a dead handshake) is shown
+                # as a stuck thread, but the worker still serves: it is not a stuck worker.
                 verdict = WorkerState.STUCK
             else:
                 verdict = WorkerState.OK
@@ -376,15 +403,17 @@ def _allowance(elapsed: float, resolution_ns: int) -> float:
 
 
 def _worker_kind(main: ThreadStack) -> str | None:
-    for frame in main.frames:
-        if not frame.native:
-            found = _WORKER_KIND.search(frame.file)
-            if found:
-                return found.group(1)
+    files = [frame.file for frame in main.frames if not frame.native]
+    for file in files:
+        found = _WORKER_KIND.search(file)
+        if found:
+            return found.group(1)
+    if any(_ASYNCIO_KIND.search(file) for file in files):
+        return "asyncio"  # its main thread serves requests, as gevent's hub does
     return None
 
 
-def _serves_requests(stack: ThreadStack, is_main: bool, kind: str | None) -> bool:
+def _serves_requests(stack: ThreadStack, kind: str | None) -> bool:
     for frame in stack.frames:
         if frame.native:
             continue
@@ -396,7 +425,7 @@ def _serves_requests(stack: ThreadStack, is_main: bool, kind: str | None) -> boo
             and _POOL_WORKER.search(frame.function)
         ):
             return True  # gthread's pool threads are its request threads
-    return is_main and kind is not None and kind != "gthread"
+    return False
 
 
 def request_capacity(reports: Iterable[WorkerReport]) -> float | None:

@@ -40,21 +40,52 @@ def parse_schedstat(text: str) -> tuple[int, int]:
     return int(on_cpu), int(slices)
 
 
-def parse_syscall(text: str) -> tuple[int | None, str | None]:
-    """Return (syscall number, blocking point) from a syscall file; (None, None) when the
-    thread is running or blocked outside a syscall.
+# Syscalls that wait for something with a deadline of their own, by machine (x86_64, aarch64):
+# a thread polling in slices (psycopg 3: poll(fd, 1, 100)) wakes ~10 times a second at the same
+# point in one of these. restart_syscall is a timed wait resumed after a ptrace stop.
+_POLL_FAMILY = {
+    "x86_64": {7: 2, 271: 2, 23: 4, 270: 4, 232: 3, 281: 3, 441: 3},  # nr -> timeout arg index
+    "aarch64": {73: 2, 72: 4, 22: 3, 441: 3},
+}
+_FUTEX = {"x86_64": 202, "aarch64": 98}
+_RESTART = {"x86_64": 219, "aarch64": 128}
+_MACHINE = os.uname().machine
 
-    The blocking point is the rest of the line (arguments, stack and instruction pointers):
-    after a ptrace stop a timed wait shows as restart_syscall (219) with the same arguments, so
-    the number is left out of it."""
-    first, _, rest = text.strip().partition(" ")
+
+def timed_wait(number: int, args: list[str], machine: str = _MACHINE) -> bool:
+    """Whether a blocking syscall waits with a timeout (not a sleep, not an untimed wait)."""
+    if number == _RESTART.get(machine):
+        return True
+    timeout_arg = _POLL_FAMILY.get(machine, {}).get(number)
+    if timeout_arg is not None:
+        value = int(args[timeout_arg], 16) if len(args) > timeout_arg else 0
+        if number in (7, 73, 232, 281):  # an int in milliseconds: -1 is "forever"
+            return value not in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+        return value != 0  # a pointer to the timeout: NULL is "forever"
+    if number == _FUTEX.get(machine):
+        return len(args) > 3 and int(args[3], 16) != 0  # the timeout pointer
+    return False
+
+
+def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str | None, bool]:
+    """Return (syscall number, blocking point, timed wait) from a syscall file; (None, None,
+    False) when the thread is running or blocked outside a syscall.
+
+    The blocking point is the first three arguments and the stack and instruction pointers:
+    what identifies the call site. Left out: the number, which becomes restart_syscall after a
+    ptrace stop, and the other argument registers, which hold leftovers that change between
+    calls at the same site (measured: psycopg 3's poll slices)."""
+    fields = text.split()
     # "running" while on CPU, "-1 sp pc" when blocked outside a syscall.
-    if not first or first == "running" or first.startswith("-"):
-        return None, None
+    if not fields or fields[0] == "running" or fields[0].startswith("-"):
+        return None, None, False
     try:
-        return int(first), (rest or None)
+        number = int(fields[0])
+        args = fields[1:7]
+        point = " ".join([*args[:3], *fields[7:9]]) if len(fields) >= 9 else None
+        return number, point, point is not None and timed_wait(number, args, machine)
     except ValueError:
-        return None, None
+        return None, None, False
 
 
 #: Nanoseconds per clock tick, for the fallback when schedstat is missing.
@@ -94,7 +125,7 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
         runs = parse_ctx_switches(_read(f"{task_dir}/status"))
     syscall_text = _read_optional(f"{task_dir}/syscall")
     wchan = _read_optional(f"{task_dir}/wchan")
-    number, blocked_at = parse_syscall(syscall_text) if syscall_text else (None, None)
+    number, blocked_at, timed = parse_syscall(syscall_text) if syscall_text else (None, None, False)
     return ThreadActivity(
         tid=tid,
         start_ticks=start_ticks,
@@ -105,6 +136,7 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
         syscall=number,
         wchan=(wchan.strip() or None) if wchan is not None and wchan.strip() != "0" else None,
         blocked_at=blocked_at,
+        timed_wait=timed,
     )
 
 

@@ -28,9 +28,10 @@ class ThreadActivity:
     runs: int  # times scheduled (schedstat); voluntary + nonvoluntary switches without it
     syscall: int | None  # None when not readable (no ptrace access) or running
     wchan: str | None
-    # Where it blocks: the syscall line's arguments, stack and instruction pointers (without
-    # the number, which becomes restart_syscall after a ptrace stop). None when unknown.
+    # Where it blocks: the syscall's first arguments, stack and instruction pointers (not the
+    # number, which becomes restart_syscall after a ptrace stop). None when unknown.
     blocked_at: str | None = None
+    timed_wait: bool = False  # that syscall waits with a timeout (poll slices, timed futex)
 
 
 @dataclass(frozen=True)

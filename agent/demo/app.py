@@ -8,6 +8,14 @@ Configured by environment variables so the same app runs under the demo, the tes
   DEMO_HARVEST_URL    https:// URL the harvest thread POSTs to (unset: no harvest thread)
   DEMO_CA_FILE        CA bundle to verify DEMO_HARVEST_URL with
   DEMO_HARVEST_INTERVAL  seconds between harvests (default 1)
+
+Endpoints (healthy traffic shapes the tests and benchmarks drive, besides the hang):
+  /                        ok, no database
+  /db                      SELECT 1 on a fresh TLS connection
+  /slow?seconds=N          pg_sleep(N) on a fresh TLS connection
+  /stream?seconds=N&every=S  a response written slowly: 1 KiB every S seconds for N seconds
+  /resume?stuck=N&work=M   a query that blocks N seconds, then M seconds of light work
+                           (about 5 ms of CPU a second): a thread that was stuck and resumes
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -72,8 +81,33 @@ def _query(sql: str, params: tuple[Any, ...] = ()) -> Any:
         conn.close()
 
 
+def _stream(seconds: float, every: float) -> Iterator[bytes]:
+    deadline = time.monotonic() + seconds
+    chunk = b"x" * 1023 + b"\n"
+    while time.monotonic() < deadline:
+        yield chunk
+        time.sleep(every)
+
+
+def _light_work(seconds: float) -> int:
+    """About 5 ms of CPU a second, in small steps: a thread that is plainly making progress."""
+    deadline = time.monotonic() + seconds
+    total = 0
+    while time.monotonic() < deadline:
+        step = time.thread_time() + 0.0005
+        while time.thread_time() < step:
+            total += 1
+        time.sleep(0.1)
+    return total
+
+
+def _number(environ: dict[str, Any], name: str, default: float, cap: float = 600.0) -> float:
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    return max(0.0, min(float(query.get(name, [default])[0]), cap))
+
+
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """/ says ok; /db runs SELECT 1 on a fresh connection; /slow?seconds=N runs pg_sleep(N)."""
+    """The demo's endpoints (see the module docstring)."""
     ensure_harvest_thread()
     path = environ.get("PATH_INFO", "/")
     try:
@@ -82,10 +116,18 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         elif path == "/db":
             body = f"db says {_query('SELECT 1')}\n"
         elif path == "/slow":
-            query = parse_qs(environ.get("QUERY_STRING", ""))
-            seconds = min(float(query.get("seconds", ["1"])[0]), 60.0)
+            seconds = _number(environ, "seconds", 1.0, cap=60.0)
             _query("SELECT pg_sleep(%s)", (seconds,))
             body = f"slept {seconds:g}s in PostgreSQL\n"
+        elif path == "/stream":
+            seconds = _number(environ, "seconds", 30.0)
+            every = max(_number(environ, "every", 0.5), 0.01)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return _stream(seconds, every)
+        elif path == "/resume":
+            stuck = _number(environ, "stuck", 15.0)
+            _query("SELECT pg_sleep(%s)", (stuck,))
+            body = f"stuck {stuck:g}s, then {_light_work(_number(environ, 'work', 30.0))} steps\n"
         else:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]

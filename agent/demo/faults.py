@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -169,6 +170,9 @@ class _OkHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
+        delay = getattr(self.server, "reply_delay", 0.0)
+        if delay:  # a slow collector: the client waits for the reply inside SSL_read
+            time.sleep(delay)
         body = b'{"ok": true}\n'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -196,6 +200,7 @@ class HttpsServer:
         self.ca.issue_cert(host, "localhost").configure_cert(context)
         self._server = http.server.ThreadingHTTPServer((host, 0), _OkHandler)
         self._server.daemon_threads = True
+        self._server.reply_delay = 0.0  # type: ignore[attr-defined]
         self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.host, self.port = host, self._server.server_port
         self._thread = threading.Thread(
@@ -206,6 +211,10 @@ class HttpsServer:
         """Begin serving."""
         self._thread.start()
         return self
+
+    def slow_replies(self, seconds: float) -> None:
+        """Answer every request `seconds` late (0: at once again): a slow, not a dead, peer."""
+        self._server.reply_delay = seconds  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Stop serving."""

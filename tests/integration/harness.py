@@ -137,6 +137,7 @@ class App:
     gunicorn: Gunicorn
     database: FaultProxy
     harvest: FaultProxy
+    https: HttpsServer  # behind `harvest`: slow_replies() makes it a slow, not a dead, peer
     _traffic: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     results: dict[int, int] = field(default_factory=dict)
@@ -173,8 +174,13 @@ def running_app(
     workers: int = 2,
     threads: int = 4,
     worker_class: str = "gthread",
+    app_module: str = "agent.demo.app:app",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[App]:
-    """Start proxies, the HTTPS server and gunicorn; tear all down (unstalling first)."""
+    """Start proxies, the HTTPS server and gunicorn; tear all down (unstalling first).
+
+    `app_module` is what gunicorn serves (agent.demo.asgi:app for ASGI worker classes);
+    `extra_args` go to gunicorn after the defaults, so they override them."""
     https = HttpsServer(workdir).start()
     harvest = FaultProxy((https.host, https.port), protocol="tcp").start()
     database = FaultProxy((postgres.host, postgres.port), protocol="postgres").start()
@@ -188,10 +194,11 @@ def running_app(
     app = None
     try:
         gunicorn = Gunicorn(
-            workdir, env, worker_class=worker_class, workers=workers, threads=threads
-        )
+            workdir, env, worker_class=worker_class, workers=workers, threads=threads,
+            extra_args=extra_args, app=app_module,
+        )  # fmt: skip
         gunicorn.wait_ready(workers=workers)
-        app = App(gunicorn, database, harvest)
+        app = App(gunicorn, database, harvest, https)
         yield app
     finally:
         if app is not None:

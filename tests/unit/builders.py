@@ -29,12 +29,13 @@ POLL_POINT = "0x7ffd5e0 0x1 0xffffffff 0x0 0x0 0x0 0x7ffd5a8 0x7f3c1e2d"
 
 def activity(
     *, tid: int, cpu_ns: int = 0, runs: int = 0, state: str = "S", start: int = 1,
-    point: str | None = POLL_POINT,
+    point: str | None = POLL_POINT, timed: bool = False,
 ) -> ThreadActivity:
-    """One /proc thread reading: on-CPU ns, times scheduled, and where it blocks."""
+    """One /proc thread reading: on-CPU ns, times scheduled, where it blocks and whether that
+    wait has a timeout."""
     return ThreadActivity(
         tid=tid, start_ticks=start, comm="gunicorn", state=state, cpu_ns=cpu_ns,
-        runs=runs, syscall=7, wchan="do_sys_poll", blocked_at=point,
+        runs=runs, syscall=7, wchan="do_sys_poll", blocked_at=point, timed_wait=timed,
     )  # fmt: skip
 
 

@@ -90,16 +90,17 @@ class Sim:
     """Drives a Tracker the way the Monitor does, once a second: scan, plan, dump (which costs a
     blocked thread a few microseconds and two context switches), re-scan, judge."""
 
-    def __init__(self, t: Tracker, frames: tuple = IN_LIBPQ, resolution_ns: int = 1) -> None:  # type: ignore[type-arg]
-        self.t, self.frames, self.resolution = t, frames, resolution_ns
+    def __init__(self, t: Tracker, frames: tuple = IN_LIBPQ, resolution_ns: int = 1,  # type: ignore[type-arg]
+                 timed: bool = False) -> None:  # fmt: skip
+        self.t, self.frames, self.resolution, self.timed = t, frames, resolution_ns, timed
         self.cpu = self.runs = 0
         self.point = POLL_POINT
         self.dumps = 0
         self.scan(0)
 
     def scan(self, at: float, *, after_dump: bool = False) -> None:
-        sample = proc(activity(tid=POOL, cpu_ns=self.cpu, runs=self.runs, point=self.point),
-                      at=at, resolution_ns=self.resolution)  # fmt: skip
+        sample = proc(activity(tid=POOL, cpu_ns=self.cpu, runs=self.runs, point=self.point,
+                               timed=self.timed), at=at, resolution_ns=self.resolution)  # fmt: skip
         self.t.observe_proc(sample, after_dump=after_dump)
 
     def second(self, now: float, *, cpu_ns: int = 0, runs: int = 0, dump_cost_ns: int = 20_000
@@ -117,26 +118,35 @@ class Sim:
         return states(self.t, now + 0.03)[POOL]
 
 
+TIMED, UNTIMED = True, False
+TICK = 10_000_000
+
+
 @pytest.mark.parametrize(
-    ("cpu_per_second", "runs_per_second", "resolution", "stuck"),
+    ("cpu_per_second", "runs_per_second", "timed", "resolution", "stuck"),
     [
-        (0, 0, 1, True),
-        (0, 3, 1, True),  # woken without CPU (someone else's ptrace, a spurious wake-up)
-        (36_000, 2, 1, True),  # someone else's py-spy dumping it every second
-        (50_000, 10, 1, True),  # psycopg 3 waiting in 100 ms poll slices, ~5 us a wake-up
-        (700_000, 1, 1, False),  # a thread serving 2 s queries: ~1.4 ms of CPU per request
-        (5_000_000, 5, 1, False),  # light work
-        (0, 0, 10_000_000, True),  # no schedstat: clock ticks
-        (10_000_000, 2, 10_000_000, True),  # ...where 1 tick per 2 s is a ptrace's noise
-        (20_000_000, 2, 10_000_000, False),
+        (0, 0, UNTIMED, 1, True),
+        (0, 3, UNTIMED, 1, True),  # woken without CPU (someone else's ptrace, a spurious wake)
+        (15_000, 1, UNTIMED, 1, True),  # someone else's py-spy dumping it every other second
+        (500_000, 10, TIMED, 1, True),  # psycopg 3 waiting in 100 ms poll slices, 50 us a wake
+        (1_030_000, 13, TIMED, 1, True),  # the costliest poller measured (Event.wait(0.1) loop)
+        (3_000_000, 7, UNTIMED, 1, False),  # serving 2 s queries: ~6 ms per request
+        (3_000_000, 14, TIMED, 1, False),  # ...seen as restart_syscall after a dump
+        (27_000, 1, UNTIMED, 1, False),  # the slowest stream measured: 100 B a second, asleep
+        (386_000, 5, UNTIMED, 1, False),  # the busiest stream measured
+        (5_000_000, 5, UNTIMED, 1, False),  # light work
+        (0, 0, UNTIMED, TICK, True),  # no schedstat: clock ticks
+        (TICK, 2, UNTIMED, TICK, True),  # ...where 1 tick per 2 s is a ptrace's noise
+        (2 * TICK, 2, UNTIMED, TICK, False),
     ],
     ids=["frozen", "woken-without-cpu", "foreign-ptrace", "psycopg3-poll-slices",
-         "2s-queries", "light-work", "ticks-frozen", "ticks-noise", "ticks-busy"],
+         "event-wait-loop", "2s-queries", "2s-queries-restarted", "slowest-stream",
+         "busiest-stream", "light-work", "ticks-frozen", "ticks-noise", "ticks-busy"],
 )  # fmt: skip
 def test_progress_is_cpu_nanoseconds_beyond_what_a_blocked_thread_accrues(
-    cpu_per_second: int, runs_per_second: int, resolution: int, stuck: bool
+    cpu_per_second: int, runs_per_second: int, timed: bool, resolution: int, stuck: bool
 ) -> None:
-    sim = Sim(tracker(), resolution_ns=resolution)
+    sim = Sim(tracker(), resolution_ns=resolution, timed=timed)
     verdicts = [
         sim.second(now, cpu_ns=cpu_per_second, runs=runs_per_second) for now in range(1, 31)
     ]
@@ -170,9 +180,9 @@ def test_a_stuck_thread_that_resumes_light_work_leaves_stuck_within_suspect_afte
 def test_a_stuck_thread_polling_in_slices_is_not_redumped_every_cycle() -> None:
     # psycopg 3: wakes 10 times a second at the same blocking point, with no progress: its
     # stack is still the one dumped, and it is stuck.
-    sim = Sim(tracker())
+    sim = Sim(tracker(), timed=True)
     for now in range(1, 31):
-        state = sim.second(now, cpu_ns=50_000, runs=10)
+        state = sim.second(now, cpu_ns=500_000, runs=10)
     assert state is ThreadState.STUCK
     assert sim.dumps <= 4, sim.dumps  # the first look, the native one, the new-stuck one
 
@@ -398,3 +408,19 @@ def test_a_worker_py_spy_cannot_unwind_gets_python_dumps_only() -> None:
     assert not t.native_allowed(WORKER)
     assert t.plan(3) == []
     assert t.plan(40) == [(WORKER, DumpKind.PYTHON)]  # the periodic refresh, Python only
+
+
+def test_a_background_thread_stuck_alone_leaves_the_worker_ok_and_no_incident() -> None:
+    # The APM harvest thread in a dead TLS handshake, request threads idle: the thread is
+    # honestly stuck, but the worker serves at full capacity and nobody is paged.
+    t = tracker()
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER), activity(tid=MAIN), at=0))
+    dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL), (OTHER, IN_HANDSHAKE), (MAIN, GTHREAD_MAIN))
+    t.observe_proc(proc(activity(tid=POOL), activity(tid=OTHER), activity(tid=MAIN), at=100))
+    (report,) = t.judge(100)
+    by_tid = {th.tid: th for th in report.threads}
+    assert by_tid[OTHER].state is ThreadState.STUCK and not by_tid[OTHER].request
+    assert report.state is WorkerState.OK
+    assert request_capacity([report]) == 1.0
+    book = IncidentBook(stuck_incident_after=30)
+    assert book.update([report], 100) == ([], [])
