@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from harness import parse_metrics
+from harness import Metrics, parse_metrics
 
 from agent.demo.run import free_port
 
@@ -39,12 +41,27 @@ def test_honcho_start_runs_web_and_monitor(tmp_path: Path) -> None:
     honcho = shutil.which("honcho")
     assert honcho, "honcho is a test dependency: pip install -e '.[test]'"
     port = free_port()
+    web_port = free_port()
     env = {
         **os.environ,
-        "PORT": str(free_port()),
+        "PORT": str(web_port),
         "TMPDIR": str(tmp_path),
         "DEADLOCK_AGENT_WEB_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "DEADLOCK_AGENT_WEB_WORKER_LABELS": "true",
     }
+
+    def ours(metrics: Metrics) -> list[str]:
+        """The states of the Procfile web's workers (other gunicorns on this machine, such as
+        a benchmark's, are found by command line too, and watched alongside)."""
+        states = []
+        for labels, value in metrics.series("deadlock_agent_worker_state").items():
+            labels_ = dict(labels)
+            with contextlib.suppress(psutil.Error):
+                cmdline = " ".join(psutil.Process(int(labels_["master_pid"])).cmdline())
+                if value == 1 and f"127.0.0.1:{web_port}" in cmdline:
+                    states.append(labels_["state"])
+        return states
+
     log = (tmp_path / "honcho.log").open("wb")
     proc = subprocess.Popen(
         [honcho, "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
@@ -59,15 +76,15 @@ def test_honcho_start_runs_web_and_monitor(tmp_path: Path) -> None:
 
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                     metrics = parse_metrics(r.read().decode())
-                if metrics.value("deadlock_agent_workers", state="ok") == 2:
+                if ours(metrics) == ["ok", "ok"]:
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         text = (tmp_path / "honcho.log").read_text(errors="replace")
         assert metrics is not None, text
-        assert metrics.value("deadlock_agent_masters") == 1, text
-        assert metrics.value("deadlock_agent_workers", state="ok") == 2, text
+        assert (metrics.value("deadlock_agent_masters") or 0) >= 1, text
+        assert ours(metrics) == ["ok", "ok"], text
         assert metrics.value("deadlock_agent_up") == 1
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
