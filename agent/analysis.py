@@ -13,6 +13,7 @@ Every method takes the time from its caller. Two facts it leans on:
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import time
@@ -76,9 +77,11 @@ class AnalysisSettings:
 
     stuck_after: float = 10.0  # no progress for this long -> stuck
     suspect_after: float = 2.0  # no progress for this long -> worth a stack dump
-    dump_interval: float = 30.0  # refresh every worker's stacks at least this often
+    dump_interval: float = 300.0  # re-check a worker whose threads ran unseen this often
     native_gap: float = 5.0  # at most one --native dump (which pauses the worker) per this
     native: bool = True  # allow --native dumps at all
+    max_dumps_per_minute: int = 30  # py-spy runs in any 60 s, all workers together
+    interval: float = 1.0  # the cycle's period: how many dumps one cycle may take
 
 
 def stack_key(stack: ThreadStack) -> tuple[tuple[str, str, int], ...]:
@@ -94,7 +97,6 @@ class _ThreadTrack:
     window_at: float  # start of the current progress window
     window_ns: int  # its on-CPU ns then
     written_off_ns: int = 0  # CPU our dumps and its poll slices cost it within the window
-    scanned_at: float = 0.0  # the last scan's time
     stack: ThreadStack | None = None  # None: the last dump had no Python stack for it
     stack_at: float = -math.inf  # when the last dump that covered this thread was taken
     request: bool = False  # sticky once seen serving a request
@@ -103,16 +105,23 @@ class _ThreadTrack:
     # new stack, kept while later dumps show the same one.
     unchanged_since: float = math.inf
     dumped_point: str | None = None  # its blocking point right after the last dump
+    report: ThreadReport | None = None  # the last verdict, reused while it still holds
 
     @property
     def current(self) -> bool:
-        """Its stack is still the one the last dump saw: it has not run since, or it only woke
-        up without progress and sits at the very blocking point it had then (same syscall
-        arguments, stack and instruction pointers), as a thread polling in slices does."""
+        """Its stack is still the one the last dump saw: it has not run since, or it sits at the
+        very blocking point it had then (same syscall arguments, stack and instruction
+        pointers) having only woken up, as a thread polling in slices does, or having served
+        requests and come back to the idle wait it was dumped in."""
         if self.stack_at >= self.moved_at:
             return True
         point = self.activity.blocked_at
-        return self.cpu_at <= self.stack_at and point is not None and point == self.dumped_point
+        if point is None or point != self.dumped_point:
+            return False
+        # Back at the very point where the last dump saw it: without progress since, its
+        # stack is that one; with progress, only when that stack was an idle wait (a pool
+        # thread back on the work queue after serving requests: same futex, same pointers).
+        return self.cpu_at <= self.stack_at or self.idle
 
     @property
     def held(self) -> bool:
@@ -129,12 +138,15 @@ class _ThreadTrack:
 class _WorkerTrack:
     worker: WorkerRef
     threads: dict[int, _ThreadTrack] = field(default_factory=dict)
+    live: frozenset[int] = frozenset()  # the live tids at the last scan
+    scanned_at: float = -math.inf  # the last scan's time
     kind: str | None = None
     last_dump_at: float = -math.inf
     last_native_at: float = -math.inf
     stuck_tids: frozenset[int] = frozenset()  # stuck at the last judgment
     role_tids: frozenset[int] = frozenset()  # filling a signature role at the last judgment
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
+    report: WorkerReport | None = None  # the last verdict, reused while it still holds
     native_works: bool = True  # False once py-spy could not unwind it (gevent's greenlets)
 
 
@@ -145,6 +157,8 @@ class Tracker:
         self.catalog = catalog
         self.settings = settings or AnalysisSettings()
         self._workers: dict[WorkerRef, _WorkerTrack] = {}
+        self._dumped_at: collections.deque[float] = collections.deque()  # the last minute's
+        self.deferred = 0  # dumps planned but left for a later cycle by the budget
 
     @property
     def workers(self) -> tuple[WorkerRef, ...]:
@@ -190,15 +204,24 @@ class Tracker:
         track = self._workers.setdefault(sample.worker, _WorkerTrack(sample.worker))
         now = sample.taken_at
         resolution = sample.resolution_ns
-        seen: dict[int, _ThreadTrack] = {}
+        previous, track.scanned_at = track.scanned_at, now
+        live = sample.tids if sample.tids is not None else frozenset(a.tid for a in sample.threads)
+        if live is not track.live and live != track.live:
+            track.threads = {tid: t for tid, t in track.threads.items() if tid in live}
+            track.live = live
+        # Only threads that changed are in the sample: the rest did not run, and nothing about
+        # them needs doing now (their windows are rolled when they next change).
         for activity in sample.threads:
             old = track.threads.get(activity.tid)
             if old is None or old.activity.start_ticks != activity.start_ticks:
-                seen[activity.tid] = _ThreadTrack(
+                track.threads[activity.tid] = _ThreadTrack(
                     activity=activity, moved_at=now, cpu_at=now, window_at=now,
-                    window_ns=activity.cpu_ns, scanned_at=now,
+                    window_ns=activity.cpu_ns,
                 )  # fmt: skip
                 continue
+            if previous - old.window_at >= self.settings.suspect_after:
+                # Its window ended while it sat unchanged: start the new one at the last scan.
+                old.window_at, old.window_ns, old.written_off_ns = previous, old.activity.cpu_ns, 0
             step = activity.cpu_ns - old.activity.cpu_ns
             runs = activity.runs - old.activity.runs
             if after_dump:
@@ -210,10 +233,9 @@ class Tracker:
                     activity.timed_wait
                     and activity.blocked_at is not None
                     and activity.blocked_at == old.activity.blocked_at
-                    and runs >= POLL_MIN_RATE * (now - old.scanned_at)
+                    and runs >= POLL_MIN_RATE * (now - previous)
                 ):
                     old.written_off_ns += min(step, POLL_WAKE_NS * runs)
-            old.scanned_at = now
             elapsed = now - old.window_at
             earned = activity.cpu_ns - old.window_ns - old.written_off_ns
             if earned > _allowance(elapsed, resolution):
@@ -221,8 +243,6 @@ class Tracker:
             if earned > _allowance(elapsed, resolution) or elapsed >= self.settings.suspect_after:
                 old.window_at, old.window_ns, old.written_off_ns = now, activity.cpu_ns, 0
             old.activity = activity
-            seen[activity.tid] = old
-        track.threads = seen
 
     def observe_stacks(self, snapshot: StackSnapshot) -> None:
         """Fold in a py-spy dump of one worker."""
@@ -270,45 +290,65 @@ class Tracker:
             elif stack is not None and not thread.request:
                 thread.request = _serves_requests(stack, track.kind)
         track.last_dump_at = at
+        self._dumped_at.append(at)
         if snapshot.native:
             track.last_native_at = at
             track.want_native = False
 
     def plan(self, now: float) -> list[tuple[WorkerRef, DumpKind]]:
-        """Which workers need a py-spy dump this cycle, and of which kind."""
+        """Which workers need a py-spy dump this cycle, and of which kind: most urgent first
+        (stuck and role threads to re-check, then quiet threads whose stack is unknown, then
+        first looks and refreshes, the longest-unseen worker first), within the budget of
+        `max_dumps_per_minute`; what does not fit waits for a later cycle (`deferred`)."""
         s = self.settings
-        plans = []
-        for ref, track in sorted(self._workers.items()):
-            quiet = [t for t in track.threads.values() if t.quiet(now) >= s.suspect_after]
+        wanted: list[tuple[int, float, WorkerRef, DumpKind]] = []
+        for ref, track in self._workers.items():
+            threads = track.threads.values()
+            quiet = [t for t in threads if t.quiet(now) >= s.suspect_after]
             watched = track.stuck_tids | track.role_tids
-            # Quiet for a while and we have not seen its stack since it last ran; or a thread
-            # we called stuck was woken: re-check it now rather than let the verdict flap.
-            # (at most once per suspect_after: a held verdict stands until then, and a stuck
-            # thread that wakes on a timeout every second must not cost a dump every second)
-            unseen = any(not t.current for t in quiet) or (
-                now - track.last_dump_at >= s.suspect_after
-                and any(not t.current for tid, t in track.threads.items() if tid in watched)
+            # A thread we called stuck (or that fills a role) was woken away from where it was
+            # dumped: re-check it rather than let the verdict flap. At most once per
+            # suspect_after: a held verdict stands until then.
+            recheck = now - track.last_dump_at >= s.suspect_after and any(
+                not t.current for tid, t in track.threads.items() if tid in watched
             )
+            # Quiet for a while and we have not seen its stack since it last ran.
+            unseen = any(not t.current for t in quiet)
             # Quiet, busy-looking, and we only have its Python frames: the native ones tell
             # whether it is inside libpq or OpenSSL.
             needs_native = any(
-                t.current
-                and t.stack is not None
-                and not t.stack.native
-                and not t.idle
+                t.current and t.stack is not None and not t.stack.native and not t.idle
                 for t in quiet
             )
-            if (
+            native = (
                 s.native
                 and track.native_works
                 and (needs_native or track.want_native)
                 and now - track.last_native_at >= s.native_gap
+            )
+            kind = DumpKind.NATIVE if native else DumpKind.PYTHON
+            if (track.want_native and native) or recheck:
+                priority = 0
+            elif native or unseen:
+                priority = 1
+            elif track.last_dump_at == -math.inf or (
+                now - track.last_dump_at >= s.dump_interval and any(not t.current for t in threads)
             ):
-                plans.append((ref, DumpKind.NATIVE))
+                priority = 2  # a first look, or threads that keep running unseen
+            else:
                 continue
-            if unseen or now - track.last_dump_at >= s.dump_interval:
-                plans.append((ref, DumpKind.PYTHON))
-        return plans
+            wanted.append((priority, track.last_dump_at, ref, kind))
+        wanted.sort()
+        while self._dumped_at and now - self._dumped_at[0] >= 60.0:
+            self._dumped_at.popleft()
+        room = max(0, s.max_dumps_per_minute - len(self._dumped_at))
+        per_cycle = max(1, math.ceil(s.max_dumps_per_minute * s.interval / 60.0))
+        take = min(room, per_cycle)
+        # A stuck thread's re-check is not held back by the per-cycle share, only the budget.
+        urgent = sum(1 for w in wanted if w[0] == 0)
+        take = min(room, max(take, urgent))
+        self.deferred += max(0, len(wanted) - take)
+        return [(ref, kind) for _, _, ref, kind in wanted[:take]]
 
     def _classify(
         self, thread: _ThreadTrack, now: float, was_stuck: bool
@@ -333,42 +373,43 @@ class Tracker:
         return ThreadState.RUNNING, 0.0
 
     def judge(self, now: float) -> tuple[WorkerReport, ...]:
-        """Classify every thread, match signatures, and give each worker a verdict."""
+        """Classify every thread, match signatures, and give each worker a verdict.
+
+        Reports are reused while nothing about them changed, so a quiet worker costs a few
+        comparisons a cycle and no new objects."""
         reports = []
         for ref, track in sorted(self._workers.items()):
-            threads = []
-            candidates: list[tuple[ThreadReport, bool]] = []
+            threads: list[ThreadReport] = []
+            any_stuck = False
             for tid, thread in sorted(track.threads.items()):
                 state, stuck_for = self._classify(thread, now, tid in track.stuck_tids)
-                report = ThreadReport(
-                    tid=tid,
-                    name=thread.stack.name if thread.stack is not None else None,
-                    state=state,
-                    request=thread.request,
-                    stuck_for=stuck_for,
-                    stack=thread.stack,
-                )
-                threads.append(report)
-                # A role is filled only by a thread whose stack is its stack *now*: it has not
-                # run since the dump, nor for a while (a busy HTTPS thread caught mid-call by
-                # one dump is not "inside OpenSSL"). A thread already in a role keeps it while
-                # only woken (held), so someone else's ptrace does not make the verdict flap.
-                in_role = tid in track.role_tids
-                settled = (
-                    thread.current
-                    and (
-                        thread.quiet(now) >= self.settings.suspect_after
-                        or state is ThreadState.STUCK
-                        or in_role
+                report = thread.report
+                if (
+                    report is None
+                    or report.state is not state
+                    or report.stuck_for != stuck_for
+                    or report.stack is not thread.stack
+                    or report.request != thread.request
+                ):
+                    report = thread.report = ThreadReport(
+                        tid=tid,
+                        name=thread.stack.name if thread.stack is not None else None,
+                        state=state,
+                        request=thread.request,
+                        stuck_for=stuck_for,
+                        stack=thread.stack,
                     )
-                ) or (thread.held and in_role)
-                if thread.stack is not None and settled:
-                    candidates.append((report, state is ThreadState.STUCK))
-            stuck = frozenset(t.tid for t in threads if t.state is ThreadState.STUCK)
+                threads.append(report)
+                any_stuck = any_stuck or state is ThreadState.STUCK
+            stuck = (
+                frozenset(t.tid for t in threads if t.state is ThreadState.STUCK)
+                if any_stuck
+                else frozenset()
+            )
             if stuck - track.stuck_tids:
                 track.want_native = True
             track.stuck_tids = stuck
-            findings = self._match(candidates)
+            findings = self._match(self._candidates(track, threads, now)) if stuck else ()
             track.role_tids = frozenset(t.tid for f in findings for _, t in f.threads)
             if findings:
                 verdict = WorkerState.DEADLOCKED
@@ -378,8 +419,39 @@ class Tracker:
                 verdict = WorkerState.STUCK
             else:
                 verdict = WorkerState.OK
-            reports.append(WorkerReport(ref, verdict, tuple(threads), findings))
+            last = track.report
+            if (
+                last is None
+                or last.state is not verdict
+                or last.findings != findings
+                or len(last.threads) != len(threads)
+                or any(a is not b for a, b in zip(last.threads, threads, strict=True))
+            ):
+                last = track.report = WorkerReport(ref, verdict, tuple(threads), findings)
+            reports.append(last)
         return tuple(reports)
+
+    def _candidates(
+        self, track: _WorkerTrack, threads: list[ThreadReport], now: float
+    ) -> list[tuple[ThreadReport, bool]]:
+        """Threads that may fill a signature's role, and whether each is stuck.
+
+        A role is filled only by a thread whose stack is its stack *now*: it has not run since
+        the dump, nor for a while (a busy HTTPS thread caught mid-call by one dump is not
+        "inside OpenSSL"). A thread already in a role keeps it while only woken (held), so
+        someone else's ptrace does not make the verdict flap."""
+        candidates = []
+        for report in threads:
+            thread = track.threads[report.tid]
+            in_role = report.tid in track.role_tids
+            stuck = report.state is ThreadState.STUCK
+            settled = (
+                thread.current
+                and (thread.quiet(now) >= self.settings.suspect_after or stuck or in_role)
+            ) or (thread.held and in_role)
+            if thread.stack is not None and settled:
+                candidates.append((report, stuck))
+        return candidates
 
     def _match(self, candidates: list[tuple[ThreadReport, bool]]) -> tuple[Finding, ...]:
         if not any(stuck for _, stuck in candidates):

@@ -120,8 +120,11 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
             "seconds between sampling cycles (the cheap /proc scan runs every cycle)"),
     Setting("stuck_after", "--stuck-after", positive_float, 10.0,
             "a thread whose stack and CPU time have not moved for this many seconds is stuck"),
-    Setting("dump_interval", "--dump-interval", positive_float, 30.0,
-            "take a py-spy dump of every worker at least this often, even when all is quiet"),
+    Setting("dump_interval", "--dump-interval", positive_float, 300.0,
+            "re-dump a worker whose threads keep running where no dump has seen them at most "
+            "this often (threads that did not run, or came back to a known idle point, never)"),
+    Setting("max_dumps_per_minute", "--max-dumps-per-minute", positive_int, 30,
+            "py-spy runs in any 60 s, all workers together; stuck threads are re-checked first"),
     Setting("native", "--native", boolean, True,
             "allow `py-spy dump --native` (pauses the worker ~50 ms) for workers with a suspect "
             "thread", boolean=True),
@@ -173,7 +176,8 @@ class AgentConfig:
 
     interval: float = 1.0
     stuck_after: float = 10.0
-    dump_interval: float = 30.0
+    dump_interval: float = 300.0
+    max_dumps_per_minute: int = 30
     native: bool = True
     py_spy: str = "py-spy"
     py_spy_timeout: float = 5.0
@@ -201,6 +205,8 @@ class AgentConfig:
             dump_interval=self.dump_interval,
             native_gap=min(5.0, self.stuck_after / 2),
             native=self.native,
+            max_dumps_per_minute=self.max_dumps_per_minute,
+            interval=self.interval,
         )
 
     @property

@@ -106,6 +106,7 @@ class Discovery:
         self.rescan_every = rescan_every
         self._masters: list[psutil.Process] = []
         self._cycles = 0
+        self._refs: dict[int, WorkerRef] = {}
 
     def _pinned(self) -> int | None:
         if self.pidfile is not None:
@@ -173,8 +174,19 @@ class Discovery:
             except psutil.NoSuchProcess:
                 continue
             for pid in pids:
-                try:
-                    refs.append(WorkerRef(pid, psutil.Process(pid).create_time(), master.pid))
-                except psutil.NoSuchProcess:
-                    continue
+                # A worker's start time is read once: the same pid under the same master is the
+                # same worker until it is reported gone (forget), which the sampler notices
+                # first (its /proc files held open fail once the process exits).
+                ref = self._refs.get(pid)
+                if ref is None or ref.master_pid != master.pid:
+                    try:
+                        ref = WorkerRef(pid, psutil.Process(pid).create_time(), master.pid)
+                    except psutil.NoSuchProcess:
+                        continue
+                refs.append(ref)
+        self._refs = {ref.pid: ref for ref in refs}
         return tuple(m.pid for m in masters), tuple(sorted(refs))
+
+    def forget(self, pid: int) -> None:
+        """A worker was seen gone: look its pid up afresh if it appears again (pid reuse)."""
+        self._refs.pop(pid, None)

@@ -155,6 +155,25 @@ class AgentCollector(Collector):
             value=r.finished_at,
         )
         yield GaugeMetricFamily(
+            f"{PREFIX}_cycle_cpu_seconds",
+            "CPU time the last sampling cycle used (the /proc scan, analysis and any dumps' "
+            "bookkeeping; py-spy's own CPU is in cpu_seconds_total{part=\"pyspy\"}).",
+            value=r.cycle_cpu,
+        )
+        cpu = CounterMetricFamily(
+            f"{PREFIX}_cpu_seconds",
+            "CPU time the agent has used since start: its own process, and its py-spy runs.",
+            labels=["part"],
+        )
+        for part in ("agent", "pyspy"):
+            cpu.add_metric([part], r.cpu_seconds.get(part, 0.0))
+        yield cpu
+        yield CounterMetricFamily(
+            f"{PREFIX}_dumps_deferred",
+            "py-spy dumps put off to a later cycle by --max-dumps-per-minute.",
+            value=r.dumps_deferred,
+        )
+        yield GaugeMetricFamily(
             f"{PREFIX}_progress_resolution_seconds",
             "How finely thread progress (on-CPU time) is measured: 1e-09 with schedstat, one "
             "clock tick (0.01) on kernels without it, where busy threads may look stuck.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import resource
 import threading
 import time
 from collections import Counter
@@ -44,6 +45,8 @@ class WorkerSource(Protocol):
 
     def workers(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]: ...
 
+    def forget(self, pid: int) -> None: ...
+
 
 class StackSource(Protocol):
     """Takes stack dumps (agent.pyspy.PySpy in production)."""
@@ -64,6 +67,14 @@ def log_incident(incident: Incident) -> None:
     log.warning("%s %s", record["event"], json.dumps(record, sort_keys=True))
     if incident.resolved_at is None:
         log.warning("%s", incident_text(incident))
+
+
+def own_cpu() -> dict[str, float]:
+    """CPU seconds used since start: this process, and its py-spy children (the only children
+    it has, reaped after each dump)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"agent": me.ru_utime + me.ru_stime, "pyspy": kids.ru_utime + kids.ru_stime}
 
 
 class Monitor:
@@ -118,8 +129,10 @@ class Monitor:
     def cycle(self) -> CycleReport:
         """One pass over every worker; returns (and publishes) its report."""
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         masters, refs = self.workers.workers()
         self.tracker.retain(refs)
+        self.scanner.retain(refs)
         complete = True
         for ref in refs:
             begun = time.perf_counter()
@@ -127,7 +140,7 @@ class Monitor:
                 sample: ProcSample = self.scanner.scan(ref, now=self.clock())
             except ProcessVanished as err:
                 self._error(err)
-                self.tracker.forget(ref)
+                self._forget(ref)
                 continue
             except AgentError as err:
                 self._error(err)
@@ -140,7 +153,7 @@ class Monitor:
                 self._dump(ref, kind)
             except ProcessVanished as err:
                 self._error(err)
-                self.tracker.forget(ref)
+                self._forget(ref)
             except AgentError as err:
                 self._error(err)
                 complete = False
@@ -166,9 +179,17 @@ class Monitor:
             sample_errors=dict(self._errors),
             incidents_total=dict(self.incidents.totals),
             progress_resolution_ns=1 if self.scanner.precise else procfs.NS_PER_TICK,
+            cycle_cpu=time.thread_time() - cpu_started,
+            cpu_seconds=own_cpu(),
+            dumps_deferred=self.tracker.deferred,
         )
         self.last_report = report  # one reference swap: readers never see half a report
         return report
+
+    def _forget(self, ref: WorkerRef) -> None:
+        self.tracker.forget(ref)
+        self.scanner.forget(ref)
+        self.workers.forget(ref.pid)
 
     def _dump(self, ref: WorkerRef, kind: DumpKind) -> StackSnapshot:
         """One py-spy dump, folded into the tracker, then a /proc re-baseline.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import resource
+from collections.abc import Iterable
 from pathlib import Path
 
 from agent.errors import ProcessVanished, ProcReadError
@@ -140,23 +144,109 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
     )
 
 
+class _Task:
+    """One thread the Scanner keeps an eye on: its schedstat file held open."""
+
+    __slots__ = ("activity", "fd", "path", "raw", "syscall_fd")
+
+    def __init__(self, path: str, fd: int | None, activity: ThreadActivity) -> None:
+        self.path = path  # .../task/TID
+        self.fd = fd  # schedstat, open; None past the fd budget (then open-read-close)
+        self.syscall_fd: int | None = None  # syscall, opened when it first runs
+        self.raw = b""  # schedstat's bytes at the last look
+        self.activity = activity
+
+
+class _Watched:
+    """One worker the Scanner keeps an eye on."""
+
+    __slots__ = ("stat_fd", "tasks", "tids")
+
+    def __init__(self, stat_fd: int) -> None:
+        self.stat_fd = stat_fd  # /proc/PID/stat, open: its num_threads says when to relist
+        self.tasks: dict[int, _Task] = {}
+        self.tids: frozenset[int] = frozenset()
+
+
 class Scanner:
-    """Scans workers' threads; remembers whether this kernel has schedstat.
+    """Scans workers' threads, cheaply enough for a thousand threads a second.
 
-    schedstat gives on-CPU time in nanoseconds, which tells a blocked thread (0 to a few tens of
-    microseconds between scans) from a busy one (about a millisecond per request) where clock
-    ticks (10 ms) cannot. Without it the scan falls back to ticks, says so once in the log, and
-    reports the coarser resolution in every ProcSample (exported as a metric)."""
+    schedstat gives on-CPU time in nanoseconds, which tells a blocked thread (0 between scans)
+    from a busy one (about a millisecond per request) where clock ticks (10 ms) cannot. Each
+    thread's schedstat stays open and is re-read with one pread (about 1 us, fresh every time);
+    a thread whose schedstat bytes did not change has not run, so nothing else is read or built
+    for it, and the sample carries only the threads that changed. The task list is re-read only
+    when the worker's thread count changes or a thread vanishes. Without schedstat (a kernel
+    without CONFIG_SCHED_INFO) it falls back to reading every thread's stat and status, says so
+    once in the log, and reports the coarser resolution in every ProcSample."""
 
-    def __init__(self, proc: str = DEFAULT_PROC) -> None:
+    def __init__(self, proc: str = DEFAULT_PROC, *, max_fds: int | None = None) -> None:
         self.proc = proc
         self.precise = True
+        self._watched: dict[WorkerRef, _Watched] = {}
+        self._open_fds = 0
+        self.max_fds = fd_budget() if max_fds is None else max_fds
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def retain(self, workers: Iterable[WorkerRef]) -> None:
+        """Close what is held open for workers no longer watched."""
+        keep = set(workers)
+        for worker in [w for w in self._watched if w not in keep]:
+            self.forget(worker)
+
+    def forget(self, worker: WorkerRef) -> None:
+        """Close every fd held for a worker."""
+        watched = self._watched.pop(worker, None)
+        if watched is None:
+            return
+        self._close(watched.stat_fd)
+        for task in watched.tasks.values():
+            self._close_task(task)
+
+    def close(self) -> None:
+        """Close everything (the agent is stopping)."""
+        self.retain(())
+
+    @property
+    def open_fds(self) -> int:
+        """How many /proc files are held open right now."""
+        return self._open_fds
+
+    def _open(self, path: str) -> int | None:
+        if self._open_fds >= self.max_fds:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                self.max_fds = self._open_fds  # the limit is lower than we thought
+                return None
+            raise
+        self._open_fds += 1
+        return fd
+
+    def _close_task(self, task: _Task) -> None:
+        for fd in (task.fd, task.syscall_fd):
+            if fd is not None:
+                self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        self._open_fds -= 1
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    # --- scanning ---------------------------------------------------------------------------
 
     def scan(self, worker: WorkerRef, *, now: float) -> ProcSample:
-        """Scan every thread of a worker (see scan_worker)."""
+        """The threads of a worker that changed since its last scan (all of them the first
+        time), and the set of its live threads."""
+        if not self.precise:
+            return scan_worker(worker, now=now, proc=self.proc, precise=False)
         try:
-            return scan_worker(worker, now=now, proc=self.proc, precise=self.precise)
+            return self._scan(worker, now)
         except SchedstatMissing:
+            self.forget(worker)
             self.precise = False
             log.warning(
                 "%s/*/task/*/schedstat is missing (kernel without CONFIG_SCHED_INFO): progress "
@@ -165,6 +255,137 @@ class Scanner:
                 self.proc,
             )
             return scan_worker(worker, now=now, proc=self.proc, precise=False)
+
+    def _scan(self, worker: WorkerRef, now: float) -> ProcSample:
+        base = f"{self.proc}/{worker.pid}"
+        watched = self._watched.get(worker)
+        if watched is None:
+            try:
+                fd = self._open(f"{base}/stat")
+            except FileNotFoundError as err:
+                raise ProcessVanished("worker exited", pid=worker.pid) from err
+            except OSError as err:
+                raise ProcReadError(f"cannot open {base}/stat: {err}", pid=worker.pid) from err
+            if fd is None:  # no fd to spare: read the slow way
+                return scan_worker(worker, now=now, proc=self.proc)
+            watched = self._watched[worker] = _Watched(fd)
+            count = -1
+        else:
+            try:
+                count = _num_threads(os.pread(watched.stat_fd, 1024, 0))
+            except (OSError, ValueError, IndexError) as err:
+                self.forget(worker)
+                raise ProcessVanished("worker exited", pid=worker.pid) from err
+        changed: list[ThreadActivity] = []
+        if count != len(watched.tasks):
+            self._relist(worker, watched, changed)
+        gone = False
+        for tid, task in watched.tasks.items():
+            try:
+                if task.fd is not None:
+                    raw = os.pread(task.fd, 128, 0)
+                else:
+                    with open(f"{task.path}/schedstat", "rb") as handle:
+                        raw = handle.read()
+            except OSError:
+                gone = True  # ESRCH: the thread exited; the relist below drops it
+                continue
+            if raw == task.raw:
+                continue  # it has not run: nothing else to read or build
+            task.raw = raw
+            task.activity = self._activity(tid, task, raw)
+            changed.append(task.activity)
+        if gone:
+            self._relist(worker, watched, changed)
+        return ProcSample(
+            worker=worker, taken_at=now, threads=tuple(changed), tids=watched.tids
+        )
+
+    def _relist(self, worker: WorkerRef, watched: _Watched, changed: list[ThreadActivity]) -> None:
+        tasks_dir = f"{self.proc}/{worker.pid}/task"
+        try:
+            tids = {int(name) for name in os.listdir(tasks_dir) if name.isdigit()}
+        except FileNotFoundError as err:
+            self.forget(worker)
+            raise ProcessVanished("worker exited", pid=worker.pid) from err
+        except OSError as err:
+            raise ProcReadError(f"cannot list {tasks_dir}: {err}", pid=worker.pid) from err
+        for tid in [t for t in watched.tasks if t not in tids]:
+            self._close_task(watched.tasks.pop(tid))
+        seen = {a.tid for a in changed}
+        for tid in sorted(tids - set(watched.tasks)):
+            path = f"{tasks_dir}/{tid}"
+            try:
+                comm, _state, _ticks, start = parse_stat(_read(f"{path}/stat"))
+                fd = self._open(f"{path}/schedstat")
+                raw = os.pread(fd, 128, 0) if fd is not None else _read_bytes(f"{path}/schedstat")
+            except FileNotFoundError:
+                if os.path.isdir(path):
+                    raise SchedstatMissing from None  # the kernel lacks CONFIG_SCHED_INFO
+                continue  # the thread ended between listdir and read: normal
+            except ProcessLookupError:
+                continue
+            except (OSError, ValueError, IndexError) as err:
+                raise ProcReadError(f"cannot read thread {tid}: {err}", pid=worker.pid) from err
+            placeholder = ThreadActivity(tid, start, comm, "S", 0, 0, None, None)
+            task = _Task(path, fd, placeholder)
+            task.raw = raw
+            task.activity = self._activity(tid, task, raw)
+            watched.tasks[tid] = task
+            if tid not in seen:
+                changed.append(task.activity)
+        if not watched.tasks:
+            self.forget(worker)
+            raise ProcessVanished("worker exited", pid=worker.pid)
+        watched.tids = frozenset(watched.tasks)
+
+    def _activity(self, tid: int, task: _Task, raw: bytes) -> ThreadActivity:
+        cpu_ns, runs = parse_schedstat(raw.decode("ascii"))
+        # Only for a thread that ran: where it blocks now ("running": on a CPU). The file needs
+        # ptrace access; without it the thread is judged on schedstat alone.
+        syscall_text = self._read_syscall(task)
+        number, blocked_at, timed = (
+            parse_syscall(syscall_text) if syscall_text else (None, None, False)
+        )
+        running = syscall_text is not None and syscall_text.startswith("running")
+        old = task.activity
+        return ThreadActivity(
+            tid=tid, start_ticks=old.start_ticks, comm=old.comm, state="R" if running else "S",
+            cpu_ns=cpu_ns, runs=runs, syscall=number, wchan=None, blocked_at=blocked_at,
+            timed_wait=timed,
+        )  # fmt: skip
+
+    def _read_syscall(self, task: _Task) -> str | None:
+        try:
+            if task.syscall_fd is None:
+                task.syscall_fd = self._open(f"{task.path}/syscall")
+                if task.syscall_fd is None:  # past the fd budget
+                    return _read(f"{task.path}/syscall")
+            return os.pread(task.syscall_fd, 256, 0).decode("ascii", "replace")
+        except OSError:
+            return None
+
+
+def _num_threads(stat: bytes) -> int:
+    """Field 20 of /proc/PID/stat."""
+    return int(stat[stat.rindex(b")") + 2 :].split()[17])
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def fd_budget(reserve: int = 256) -> int:
+    """How many /proc files the Scanner may hold open: the soft RLIMIT_NOFILE, raised to the hard
+    limit first (it is often 1024 soft), less a reserve for sockets, logs and py-spy's pipes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(0, soft - reserve)
 
 
 def scan_worker(
@@ -189,7 +410,10 @@ def scan_worker(
     if not threads and not Path(tasks).exists():
         raise ProcessVanished("worker exited", pid=worker.pid)
     resolution = 1 if precise else NS_PER_TICK
-    return ProcSample(worker=worker, taken_at=now, threads=tuple(threads), resolution_ns=resolution)
+    return ProcSample(
+        worker=worker, taken_at=now, threads=tuple(threads), resolution_ns=resolution,
+        tids=frozenset(t.tid for t in threads),
+    )  # fmt: skip
 
 
 def children(pid: int, *, proc: str = DEFAULT_PROC) -> list[int] | None:

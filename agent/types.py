@@ -36,13 +36,17 @@ class ThreadActivity:
 
 @dataclass(frozen=True)
 class ProcSample:
-    """All threads of one worker at one instant, from /proc."""
+    """One worker's threads at one instant, from /proc: those that changed since its last
+    scan (every thread the first time), and which threads are alive."""
 
     worker: WorkerRef
     taken_at: float
     threads: tuple[ThreadActivity, ...]
     # How fine cpu_ns is: 1 with schedstat, one clock tick (usually 10 ms) without it.
     resolution_ns: int = 1
+    # Every live thread; a thread alive but not in `threads` has not run since the last scan.
+    # None: `threads` is every live thread.
+    tids: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -232,3 +236,6 @@ class CycleReport:
     incidents_total: Mapping[str, int] = field(default_factory=dict)
     # How finely progress is measured: 1 ns with schedstat, a clock tick without it.
     progress_resolution_ns: int = 1
+    cycle_cpu: float = 0.0  # CPU seconds the sampling thread spent on this cycle
+    cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # "agent", "pyspy" totals
+    dumps_deferred: int = 0  # dumps the per-minute budget has put off, since start

@@ -25,7 +25,7 @@ from agent.analysis import (
     request_capacity,
 )
 from agent.signatures import load_catalog
-from agent.types import DumpKind, ThreadState, WorkerRef, WorkerState
+from agent.types import DumpKind, ThreadActivity, ThreadState, WorkerRef, WorkerState
 
 SETTINGS = AnalysisSettings(stuck_after=10, suspect_after=2, dump_interval=30, native_gap=5)
 MAIN, POOL, OTHER = 100, 101, 102
@@ -240,33 +240,46 @@ def test_a_changed_stack_restarts_the_clock() -> None:
 
 
 def test_plan_is_cheap_when_all_is_quiet_and_seen() -> None:
-    t = tracker()
+    t = tracker(dump_interval=300)
     t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN), at=0))
     assert t.plan(0) == [(WORKER, DumpKind.PYTHON)]  # never dumped: first look
     dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL), (MAIN, GTHREAD_MAIN))
-    for now in range(1, 30):
+    for now in range(1, 30):  # the main thread wakes (heartbeats) at the same point
         t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, runs=now), at=now))
         assert t.plan(now) == [], now
-    t.observe_proc(proc(activity(tid=POOL), activity(tid=MAIN, runs=31), at=30.2))
-    assert t.plan(30.2) == [(WORKER, DumpKind.PYTHON)]  # --dump-interval refresh
+    # The pool thread serves requests (real CPU) and comes back to the very futex it was
+    # dumped idle in: its idle stack is its stack again, no dump needed.
+    for now in range(30, 60):
+        cpu = (now - 29) * 2_000_000
+        t.observe_proc(proc(activity(tid=POOL, cpu_ns=cpu, runs=now), activity(tid=MAIN), at=now))
+        assert t.plan(now) == [], now
+    assert states(t, 60)[POOL] is ThreadState.IDLE
+    # A thread that keeps running elsewhere is looked at again after --dump-interval.
+    for now in range(60, 302, 2):
+        t.observe_proc(proc(activity(tid=POOL, cpu_ns=60_000_000), activity(
+            tid=MAIN, cpu_ns=now * 1_000_000, point=f"0x{now:x} 0x1 0x0 0x7ffd 0x7f1"), at=now))
+        planned = t.plan(now)
+        assert planned == ([] if now < 300.1 else [(WORKER, DumpKind.PYTHON)]), now
 
 
 def test_plan_escalates_python_then_native_for_a_busy_looking_quiet_thread() -> None:
     t = tracker()
     t.observe_proc(proc(activity(tid=POOL), at=0))
     dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL))
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=1))  # took a request
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=2))
+    def busy(**kw: int) -> ThreadActivity:  # took a request: blocked elsewhere than idle
+        return activity(tid=POOL, point="0x9 0x1 0xffffffff 0x7ffd 0x7f2", **kw)
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=3), at=1))
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=3), at=2))
     assert t.plan(2) == []  # quiet for 1 s only
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=3), at=3))
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=3), at=3))
     assert t.plan(3) == [(WORKER, DumpKind.PYTHON)]  # quiet 2 s, stack unseen since it ran
     dump(t, 3.1, (POOL, (py("connect", "psycopg2/__init__.py", 122), *GTHREAD_REQUEST)))
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=5), at=3.2), after_dump=True)
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=5), at=4))
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=5), at=3.2), after_dump=True)
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=5), at=4))
     assert t.plan(4) == [(WORKER, DumpKind.NATIVE)]  # not idle: which library is it in?
     dump(t, 4.1, (POOL, IN_LIBPQ), is_native=True)
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=7), at=4.2), after_dump=True)
-    t.observe_proc(proc(activity(tid=POOL, cpu_ns=900_000, runs=7), at=5))
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=7), at=4.2), after_dump=True)
+    t.observe_proc(proc(busy(cpu_ns=900_000, runs=7), at=5))
     assert t.plan(5) == []  # known, native, current: nothing more to learn
 
 
@@ -407,7 +420,12 @@ def test_a_worker_py_spy_cannot_unwind_gets_python_dumps_only() -> None:
     t.native_failed(WORKER)  # e.g. gevent: py-spy says UNW_EINVAL
     assert not t.native_allowed(WORKER)
     assert t.plan(3) == []
-    assert t.plan(40) == [(WORKER, DumpKind.PYTHON)]  # the periodic refresh, Python only
+    assert t.plan(400) == []  # it has not run: nothing to refresh
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=5_000_000, point="0x5 0x1 0x0 0x7ffd 0x7f9"),
+                        at=401))  # fmt: skip
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=5_000_000, point="0x5 0x1 0x0 0x7ffd 0x7f9"),
+                        at=404))  # fmt: skip
+    assert t.plan(404) == [(WORKER, DumpKind.PYTHON)]  # ran, now quiet elsewhere: Python only
 
 
 def test_a_background_thread_stuck_alone_leaves_the_worker_ok_and_no_incident() -> None:

@@ -25,6 +25,7 @@ ENV_NAMES = {
     "--interval": "DEADLOCK_AGENT_INTERVAL",
     "--stuck-after": "DEADLOCK_AGENT_STUCK_AFTER",
     "--dump-interval": "DEADLOCK_AGENT_DUMP_INTERVAL",
+    "--max-dumps-per-minute": "DEADLOCK_AGENT_MAX_DUMPS_PER_MINUTE",
     "--native": "DEADLOCK_AGENT_NATIVE",
     "--py-spy": "DEADLOCK_AGENT_PY_SPY",
     "--py-spy-timeout": "DEADLOCK_AGENT_PY_SPY_TIMEOUT",
@@ -48,7 +49,8 @@ ENV_NAMES = {
 DEFAULTS = {
     "interval": 1.0,
     "stuck_after": 10.0,
-    "dump_interval": 30.0,
+    "dump_interval": 300.0,
+    "max_dumps_per_minute": 30,
     "native": True,
     "py_spy": "py-spy",
     "py_spy_timeout": 5.0,

@@ -30,11 +30,12 @@ MISSING = None  # a file the builder leaves out
 
 def stat_line(
     *, tid: int = 4242, comm: str = "python", state: str = "S", utime: int = 7, stime: int = 3,
-    start: int = 123456,
+    start: int = 123456, threads: int = 920,
 ) -> str:
     """A /proc/PID/task/TID/stat line; every other field holds a distinct decoy (900 + n)."""
     fields = {n: str(900 + n) for n in range(4, 53)}
     fields[14], fields[15], fields[22] = str(utime), str(stime), str(start)
+    fields[20] = str(threads)
     return f"{tid} ({comm}) {state} " + " ".join(fields[n] for n in range(4, 53)) + "\n"
 
 
@@ -60,6 +61,9 @@ def write_thread(
     task.mkdir(parents=True)
     stat = stat_line(tid=tid, comm=comm, state=state, utime=utime, stime=stime, start=start)
     (task / "stat").write_text(stat)
+    # The process's own stat: its num_threads (field 20) counts the task directories.
+    count = len(list((proc / str(pid) / "task").iterdir()))
+    (proc / str(pid) / "stat").write_text(stat_line(tid=pid, comm=comm, threads=count))
     (task / "status").write_text(status_text(voluntary=voluntary, nonvoluntary=nonvoluntary))
     if syscall is not None:
         (task / "syscall").write_text(syscall)
@@ -302,3 +306,80 @@ def test_children_lists_real_child_processes(tmp_path: Path) -> None:
     assert not pids & set(children(os.getpid()) or ())
     assert children(2**22 + 7) == []  # no such process
     assert children(1, proc=str(tmp_path)) == []  # a proc root without that pid
+
+
+# --- the incremental Scanner on the real /proc ------------------------------------------------
+
+
+def test_the_scanner_returns_only_threads_that_ran_and_follows_the_thread_list() -> None:
+    me = psutil.Process()
+    ref = WorkerRef(me.pid, me.create_time(), os.getppid())
+    release = threading.Event()
+    work = threading.Event()
+    done = threading.Event()
+
+    def parked() -> None:
+        release.wait()
+
+    def worker() -> None:
+        while not release.is_set():
+            if work.wait(0.05):
+                sum(range(200_000))  # a few ms of CPU
+                work.clear()
+                done.set()
+
+    quiet = threading.Thread(target=parked, name="scanner-parked", daemon=True)
+    busy = threading.Thread(target=worker, name="scanner-busy", daemon=True)
+    quiet.start()
+    busy.start()
+    scanner = Scanner()
+    try:
+        first = scanner.scan(ref, now=1.0)
+        assert first.tids is not None and {quiet.native_id, busy.native_id} <= first.tids
+        assert {t.tid for t in first.threads} == first.tids  # everything, the first time
+        assert scanner.open_fds == 2 * len(first.tids) + 1  # schedstat, syscall; the stat file
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the new thread has reached its wait
+            time.sleep(0.05)
+            if quiet.native_id not in {t.tid for t in scanner.scan(ref, now=1.5).threads}:
+                break
+        time.sleep(0.2)
+        second = scanner.scan(ref, now=2.0)
+        changed = {t.tid for t in second.threads}
+        assert quiet.native_id not in changed  # parked: schedstat did not move, nothing read
+        assert second.tids == first.tids
+        work.set()
+        assert done.wait(5)
+        third = scanner.scan(ref, now=3.0)
+        (busy_now,) = [t for t in third.threads if t.tid == busy.native_id]
+        (busy_before,) = [t for t in first.threads if t.tid == busy.native_id]
+        assert busy_now.cpu_ns - busy_before.cpu_ns > 1_000_000
+        extra = threading.Thread(target=parked, name="scanner-new", daemon=True)
+        extra.start()
+        fourth = scanner.scan(ref, now=4.0)
+        assert extra.native_id in (fourth.tids or ())
+        assert extra.native_id in {t.tid for t in fourth.threads}  # new: reported in full
+        release.set()
+        for thread in (quiet, busy, extra):
+            thread.join(5)
+        fifth = scanner.scan(ref, now=5.0)
+        assert not {quiet.native_id, busy.native_id, extra.native_id} & (fifth.tids or set())
+        assert scanner.open_fds == 2 * len(fifth.tids or ()) + 1  # the ended threads: closed
+    finally:
+        release.set()
+        scanner.close()
+    assert scanner.open_fds == 0
+
+
+def test_the_scanner_falls_back_to_open_read_close_past_its_fd_budget() -> None:
+    me = psutil.Process()
+    ref = WorkerRef(me.pid, me.create_time(), os.getppid())
+    scanner = Scanner(max_fds=2)  # the stat file and one schedstat
+    try:
+        first = scanner.scan(ref, now=1.0)
+        second = scanner.scan(ref, now=2.0)
+        assert scanner.open_fds == 2
+        assert first.tids == second.tids and len(first.tids or ()) >= 1
+        assert os.getpid() in {t.tid for t in second.threads}  # this thread ran: still seen
+    finally:
+        scanner.close()
