@@ -342,11 +342,11 @@ class Tracker:
         while self._dumped_at and now - self._dumped_at[0] >= 60.0:
             self._dumped_at.popleft()
         room = max(0, s.max_dumps_per_minute - len(self._dumped_at))
-        per_cycle = max(1, math.ceil(s.max_dumps_per_minute * s.interval / 60.0))
-        take = min(room, per_cycle)
-        # A stuck thread's re-check is not held back by the per-cycle share, only the budget.
-        urgent = sum(1 for w in wanted if w[0] == 0)
-        take = min(room, max(take, urgent))
+        # Re-checks and suspects are held back only by the budget; first looks and refreshes
+        # also by a per-cycle share, so a burst of new workers does not stretch one cycle.
+        per_cycle = max(4, math.ceil(s.max_dumps_per_minute * s.interval / 60.0))
+        urgent = sum(1 for w in wanted if w[0] <= 1)
+        take = min(room, max(urgent, min(len(wanted), per_cycle)))
         self.deferred += max(0, len(wanted) - take)
         return [(ref, kind) for _, _, ref, kind in wanted[:take]]
 

@@ -9,6 +9,10 @@ and the rest in a real ThreadPoolExecutor, as gthread's pool threads. A feeder t
 the same point. `--churn S` replaces one worker every S seconds (SIGTERM, respawn), as
 `--max-requests` does. It prints "ready <master pid>" once every worker runs, then serves until
 SIGTERM (which ends the workers too).
+
+SIGUSR1 to a worker hangs one of its pool threads for good, as a request stuck in a deadlock: a
+task that acquires a plain `threading.Lock` twice, an untimed futex wait that never ends
+(benchmarks/scale.py times how long the agent takes to call it stuck).
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ def _busy(seconds: float) -> None:
         pass
 
 
+def _hang() -> None:
+    """Block forever on an untimed lock acquire: the second acquire of a non-reentrant lock."""
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()
+
+
 def worker(threads: int, rate: float) -> None:
     """The worker process: a heartbeating main thread and a real ThreadPoolExecutor."""
     pool_size = threads - 1 - (rate > 0)
@@ -37,6 +48,8 @@ def worker(threads: int, rate: float) -> None:
     for _ in range(pool_size):  # start every pool thread now, not lazily
         pool.submit(barrier.wait)
     barrier.wait()
+    # The handler runs in the main thread between its selects; submit only queues the task.
+    signal.signal(signal.SIGUSR1, lambda *_: pool.submit(_hang))
     if rate > 0:  # the feeder stands in for gunicorn's accept loop handing out requests
 
         def feed() -> None:
