@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
+from agent.demo.db import query
+
 log = logging.getLogger(__name__)
 
 _harvest_lock = threading.Lock()
@@ -66,21 +68,6 @@ def ensure_harvest_thread() -> None:
         ).start()
 
 
-def _query(sql: str, params: tuple[Any, ...] = ()) -> Any:
-    import psycopg2
-
-    dsn = os.environ.get("DEMO_DATABASE_URL")
-    if not dsn:
-        raise LookupError("DEMO_DATABASE_URL is not set")
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
-
-
 def _stream(seconds: float, every: float) -> Iterator[bytes]:
     deadline = time.monotonic() + seconds
     chunk = b"x" * 1023 + b"\n"
@@ -114,10 +101,10 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         if path == "/":
             body = "ok\n"
         elif path == "/db":
-            body = f"db says {_query('SELECT 1')}\n"
+            body = f"db says {query('SELECT 1')}\n"
         elif path == "/slow":
             seconds = _number(environ, "seconds", 1.0, cap=60.0)
-            _query("SELECT pg_sleep(%s)", (seconds,))
+            query("SELECT pg_sleep(%s)", (seconds,))
             body = f"slept {seconds:g}s in PostgreSQL\n"
         elif path == "/stream":
             seconds = _number(environ, "seconds", 30.0)
@@ -126,7 +113,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
             return _stream(seconds, every)
         elif path == "/resume":
             stuck = _number(environ, "stuck", 15.0)
-            _query("SELECT pg_sleep(%s)", (stuck,))
+            query("SELECT pg_sleep(%s)", (stuck,))
             body = f"stuck {stuck:g}s, then {_light_work(_number(environ, 'work', 30.0))} steps\n"
         else:
             start_response("404 Not Found", [("Content-Type", "text/plain")])

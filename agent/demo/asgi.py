@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
+
+from agent.demo import db
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,21 +25,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 MAX_SECONDS = 60.0
 MAX_AWAITS = 100_000
-
-
-def _query(sql: str, params: tuple[Any, ...] = ()) -> Any:
-    import psycopg2
-
-    dsn = os.environ.get("DEMO_DATABASE_URL")
-    if not dsn:
-        raise LookupError("DEMO_DATABASE_URL is not set")
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
 
 
 def _number(query: dict[str, list[str]], key: str, default: float, cap: float) -> float:
@@ -60,7 +46,7 @@ async def _route(path: str, query: dict[str, list[str]]) -> tuple[int, str]:
     if path == "/block":
         seconds = _number(query, "seconds", 1.0, MAX_SECONDS)
         if query.get("in", [""])[0] == "db":
-            _query("SELECT pg_sleep(%s)", (seconds,))  # on the loop: the bug being shown
+            db.query("SELECT pg_sleep(%s)", (seconds,))  # on the loop: the bug being shown
             return 200, f"blocked the event loop {seconds:g}s in PostgreSQL\n"
         time.sleep(seconds)  # on the loop: the bug being shown
         return 200, f"blocked the event loop {seconds:g}s\n"
@@ -74,7 +60,7 @@ async def _route(path: str, query: dict[str, list[str]]) -> tuple[int, str]:
         await asyncio.sleep(seconds)
         return 200, f"awaited {seconds:g}s\n"
     if path == "/db":
-        return 200, f"db says {await asyncio.to_thread(_query, 'SELECT 1')}\n"
+        return 200, f"db says {await asyncio.to_thread(db.query, 'SELECT 1')}\n"
     return 404, "not found\n"
 
 
