@@ -92,7 +92,12 @@ def read_pidfile(path: str) -> int:
 
 
 class Discovery:
-    """Finds masters (pinned or by command line) and lists their workers every cycle."""
+    """Finds masters (pinned or by command line) and lists their workers.
+
+    Workers are re-listed every `relist_every` cycles, and every cycle for a few cycles after
+    one was reported gone (forget): a respawn is found within a cycle or two, and a quiet
+    cycle reads no process table at all. Masters found by command line are re-scanned every
+    `rescan_every` listings."""
 
     def __init__(
         self,
@@ -100,10 +105,15 @@ class Discovery:
         master_pid: int | None = None,
         pidfile: str | None = None,
         rescan_every: int = 10,
+        relist_every: int = 5,
     ) -> None:
         self.master_pid = master_pid
         self.pidfile = pidfile
         self.rescan_every = rescan_every
+        self.relist_every = relist_every
+        self._calls = 0
+        self._eager = 0  # cycles left to re-list every time (a worker just went)
+        self._last: tuple[tuple[int, ...], tuple[WorkerRef, ...]] | None = None
         self._masters: list[psutil.Process] = []
         self._cycles = 0
         self._refs: dict[int, WorkerRef] = {}
@@ -163,7 +173,20 @@ class Discovery:
         return alive
 
     def workers(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]:
-        """(master pids, their workers) right now; processes vanishing midway are skipped."""
+        """(master pids, their workers); processes vanishing midway are skipped."""
+        self._calls += 1
+        if (
+            self._last is not None
+            and self._eager == 0
+            and self.pidfile is None
+            and self._calls % self.relist_every != 0
+        ):
+            return self._last
+        self._eager = max(0, self._eager - 1)
+        self._last = self._list()
+        return self._last
+
+    def _list(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]:
         refs = []
         masters = self.masters()
         for master in masters:
@@ -188,5 +211,7 @@ class Discovery:
         return tuple(m.pid for m in masters), tuple(sorted(refs))
 
     def forget(self, pid: int) -> None:
-        """A worker was seen gone: look its pid up afresh if it appears again (pid reuse)."""
+        """A worker was seen gone: re-list every cycle for a while (its replacement is coming)
+        and look its pid up afresh if it appears again (pid reuse)."""
         self._refs.pop(pid, None)
+        self._eager = 5

@@ -52,6 +52,10 @@ _POLL_FAMILY = {
     "aarch64": {73: 2, 72: 4, 22: 3, 441: 3},
 }
 _FUTEX = {"x86_64": 202, "aarch64": 98}
+# epoll waits: Python passes a fresh events buffer (and the count of registered fds) on every
+# call, so only the epoll fd identifies the wait (measured: gunicorn's gthread loop under
+# keep-alive traffic came back to its epoll_wait with another buffer each time).
+_EPOLL = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}
 _RESTART = {"x86_64": 219, "aarch64": 128}
 _MACHINE = os.uname().machine
 
@@ -75,10 +79,11 @@ def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str |
     """Return (syscall number, blocking point, timed wait) from a syscall file; (None, None,
     False) when the thread is running or blocked outside a syscall.
 
-    The blocking point is the first three arguments and the stack and instruction pointers:
-    what identifies the call site. Left out: the number, which becomes restart_syscall after a
-    ptrace stop, and the other argument registers, which hold leftovers that change between
-    calls at the same site (measured: psycopg 3's poll slices)."""
+    The blocking point is the first three arguments (the epoll fd alone for an epoll wait) and
+    the stack and instruction pointers: what identifies the call site. Left out: the number,
+    which becomes restart_syscall after a ptrace stop, and the other argument registers, which
+    hold leftovers that change between calls at the same site (measured: psycopg 3's poll
+    slices)."""
     fields = text.split()
     # "running" while on CPU, "-1 sp pc" when blocked outside a syscall.
     if not fields or fields[0] == "running" or fields[0].startswith("-"):
@@ -86,7 +91,8 @@ def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str |
     try:
         number = int(fields[0])
         args = fields[1:7]
-        point = " ".join([*args[:3], *fields[7:9]]) if len(fields) >= 9 else None
+        kept = 1 if number in _EPOLL.get(machine, ()) else 3
+        point = " ".join([*args[:kept], *fields[7:9]]) if len(fields) >= 9 else None
         return number, point, point is not None and timed_wait(number, args, machine)
     except ValueError:
         return None, None, False

@@ -135,6 +135,11 @@ SP_PC = "0x7ffd 0x7f1"
      # restarted after a ptrace stop: the same point
      (f"219 0x7ffd5e0 0x1 0xffffffff 0x0 0x0 0x0 {SP_PC}\n",
       (219, f"0x7ffd5e0 0x1 0xffffffff {SP_PC}", True)),
+     # gthread's event loop: a fresh events buffer every call; the epoll fd is the wait
+     (f"232 0x5 0x7f534dbe4a50 0x3 0x3e8 0x0 0x0 {SP_PC}\n",
+      (232, f"0x5 {SP_PC}", True)),
+     (f"232 0x5 0x7f534dbe5b30 0x2 0x3e8 0x0 0x0 {SP_PC}\n",
+      (232, f"0x5 {SP_PC}", True)),
      # a sleep is not a wait
      (f"230 0x1 0x1 0x7ffd10 0x0 0x0 0x0 {SP_PC}\n", (230, f"0x1 0x1 0x7ffd10 {SP_PC}", False)),
      (f"0 0x3 0x7f 0x2000 0x0 0x0 0x0 {SP_PC}\n", (0, f"0x3 0x7f 0x2000 {SP_PC}", False)),
@@ -142,8 +147,8 @@ SP_PC = "0x7ffd 0x7f1"
      ("", (None, None, False)),
      ("garbage here\n", (None, None, False))],
     ids=["running", "blocked-outside-syscall", "futex-untimed", "futex-timed", "poll-forever",
-         "poll-slices", "restart-syscall", "sleep", "read-is-zero", "bare-number", "empty",
-         "garbage"],
+         "poll-slices", "restart-syscall", "epoll-buffer-a", "epoll-buffer-b", "sleep",
+         "read-is-zero", "bare-number", "empty", "garbage"],
 )  # fmt: skip
 def test_parse_syscall(text: str, expected: tuple[int | None, str | None, bool]) -> None:
     if os.uname().machine != "x86_64":

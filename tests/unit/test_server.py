@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -182,9 +183,21 @@ def test_http_server_on_loopback() -> None:
         assert get(server.url + "/")[0] == 200
         assert get(server.url + "/missing")[0] == 404
     finally:
+        started = time.monotonic()
         server.close()
+    # It sleeps in select() for up to IDLE_POLL between requests; close() wakes it at once.
+    assert time.monotonic() - started < 2
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port), 1):
         pass  # the port is released
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "127.0.0.1:0"])
+def test_an_idle_server_closes_at_once(address: str) -> None:
+    server = HttpServer(app_for(cycle()), address).start()
+    time.sleep(0.2)  # in select(), with no request to wake it
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 2
 
 
 def test_http_server_ipv6_loopback_url() -> None:
