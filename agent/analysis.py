@@ -271,6 +271,11 @@ class Tracker:
             changed = thread.stack is None or stack is None or (
                 stack_key(stack) != stack_key(thread.stack)
             )
+            if not changed and thread.cpu_at > thread.stack_at:
+                # The same stack as the last dump, but it made progress in between (a pool
+                # thread caught twice on the same line of two different requests): it has
+                # been on this stack only since it last ran, not since the first dump.
+                thread.unchanged_since = thread.moved_at
             if changed:
                 if thread.stack is not None and thread.moved_at <= thread.stack_at:
                     # /proc saw no run since the last dump, yet the stack changed: it ran
@@ -290,7 +295,6 @@ class Tracker:
             elif stack is not None and not thread.request:
                 thread.request = _serves_requests(stack, track.kind)
         track.last_dump_at = at
-        self._dumped_at.append(at)
         if snapshot.native:
             track.last_native_at = at
             track.want_native = False
@@ -312,8 +316,10 @@ class Tracker:
             recheck = now - track.last_dump_at >= s.suspect_after and any(
                 not t.current for tid, t in track.threads.items() if tid in watched
             )
-            # Quiet for a while and we have not seen its stack since it last ran.
-            unseen = any(not t.current for t in quiet)
+            # Quiet for a while and we have not seen its stack since it last ran: a suspect
+            # when we knew its stack before (it moved, then stopped), a first look when not.
+            unseen = any(not t.current and t.stack is not None for t in quiet)
+            never_seen = any(t.stack is None and t.stack_at == -math.inf for t in quiet)
             # Quiet, busy-looking, and we only have its Python frames: the native ones tell
             # whether it is inside libpq or OpenSSL.
             needs_native = any(
@@ -331,10 +337,12 @@ class Tracker:
                 priority = 0
             elif native or unseen:
                 priority = 1
-            elif track.last_dump_at == -math.inf or (
-                now - track.last_dump_at >= s.dump_interval and any(not t.current for t in threads)
+            elif never_seen or track.last_dump_at == -math.inf:
+                priority = 2  # a first look
+            elif now - track.last_dump_at >= s.dump_interval and any(
+                not t.current for t in threads
             ):
-                priority = 2  # a first look, or threads that keep running unseen
+                priority = 3  # threads that keep running unseen
             else:
                 continue
             wanted.append((priority, track.last_dump_at, ref, kind))
@@ -342,12 +350,19 @@ class Tracker:
         while self._dumped_at and now - self._dumped_at[0] >= 60.0:
             self._dumped_at.popleft()
         room = max(0, s.max_dumps_per_minute - len(self._dumped_at))
-        # Re-checks and suspects are held back only by the budget; first looks and refreshes
-        # also by a per-cycle share, so a burst of new workers does not stretch one cycle.
+        # Re-checks and suspects are held back only by the budget. First looks and refreshes
+        # also by a per-cycle share (a burst of new workers must not stretch one cycle), and
+        # they leave a third of the budget to suspects: a worker that respawns every second
+        # must not delay the dump that tells a hang.
         per_cycle = max(4, math.ceil(s.max_dumps_per_minute * s.interval / 60.0))
         urgent = sum(1 for w in wanted if w[0] <= 1)
-        take = min(room, max(urgent, min(len(wanted), per_cycle)))
+        reserve = s.max_dumps_per_minute // 3
+        rest = max(0, min(room - urgent - reserve, per_cycle - urgent))
+        take = min(room, urgent + rest)
         self.deferred += max(0, len(wanted) - take)
+        # Counted when planned, not when done: a dump of a worker that exited meanwhile still
+        # ran py-spy. (An incident's evidence dump is not planned: one per incident.)
+        self._dumped_at.extend([now] * take)
         return [(ref, kind) for _, _, ref, kind in wanted[:take]]
 
     def _classify(
@@ -364,8 +379,13 @@ class Tracker:
             # Not run since the dump (or only woken, and a re-dump is planned): the stack is
             # still the one we saw.
             unchanged = now - thread.unchanged_since
+        elif thread.cpu_at > thread.stack_at:
+            # It made progress since its last dump: that stack is history, and whatever it
+            # waits on now has not been seen. Never stuck on a stack it has left; the plan
+            # re-dumps it once it is quiet.
+            return ThreadState.RUNNING, 0.0
         else:
-            # It ran since: we only know the stack was the same up to the last dump.
+            # Woken since, without progress: we only know the stack up to the last dump.
             unchanged = thread.stack_at - thread.unchanged_since
         stalled = min(unchanged, now - thread.cpu_at)
         if stalled >= self.settings.stuck_after:

@@ -442,3 +442,42 @@ def test_a_background_thread_stuck_alone_leaves_the_worker_ok_and_no_incident() 
     assert request_capacity([report]) == 1.0
     book = IncidentBook(stuck_incident_after=30)
     assert book.update([report], 100) == ([], [])
+
+
+def test_a_stack_seen_twice_across_progress_is_not_stuck_time() -> None:
+    # A pool thread caught by two dumps 6 s apart on the same line of two different requests,
+    # then back to idle work-queue waits with its re-dump put off (the dump budget): it made
+    # progress since its last dump, so that stack is history, never a reason to call it stuck.
+    t = tracker(stuck_after=5)
+    busy = (py("_busy", "app.py", 42), *GTHREAD_REQUEST)
+    point = "0x9 0x1 0xffffffff 0x7ffd 0x7f2"
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=1_000_000, point=point), at=0))
+    dump(t, 0.1, (POOL, busy))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=9_000_000, runs=9, point=point), at=6))
+    dump(t, 6.1, (POOL, busy))  # the same line again: a different request
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=9_000_000, runs=9, point=point), at=6.2),
+                   after_dump=True)  # fmt: skip
+    # It finishes (progress) and waits for work elsewhere; no dump is taken.
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=15_000_000, runs=20), at=7))
+    for now in range(8, 30):
+        t.observe_proc(proc(activity(tid=POOL, cpu_ns=15_000_000, runs=20), at=now))
+        assert states(t, now)[POOL] is not ThreadState.STUCK, now
+
+
+def test_a_thread_that_hangs_after_progress_is_stuck_once_a_dump_sees_it() -> None:
+    t = tracker(stuck_after=5)
+    t.observe_proc(proc(activity(tid=POOL), at=0))
+    dump(t, 0.1, (POOL, GTHREAD_IDLE_POOL))
+    hung = "0x55aa 0x189 0x0 0x7ffd 0x7f9"  # a plain lock, taken twice
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=3_000_000, runs=5, point=hung), at=10))
+    for now in (11, 12):
+        t.observe_proc(proc(activity(tid=POOL, cpu_ns=3_000_000, runs=5, point=hung), at=now))
+        assert states(t, now)[POOL] is ThreadState.IDLE  # its last known stack, until seen
+    assert t.plan(12) == [(WORKER, DumpKind.PYTHON)]  # quiet 2 s, unseen
+    dump(t, 12.1, (POOL, (py("acquire", "app.py", 7), *GTHREAD_REQUEST)))
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=3_000_000, runs=7, point=hung), at=12.2),
+                   after_dump=True)  # fmt: skip
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=3_000_000, runs=7, point=hung), at=14.9))
+    assert states(t, 14.9)[POOL] is ThreadState.RUNNING  # 4.9 s since its last progress
+    t.observe_proc(proc(activity(tid=POOL, cpu_ns=3_000_000, runs=7, point=hung), at=15))
+    assert states(t, 15)[POOL] is ThreadState.STUCK
