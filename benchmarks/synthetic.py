@@ -3,7 +3,8 @@ processes of T real threads each, shaped like gthread workers.
 
     python benchmarks/synthetic.py --workers 64 --threads 16 [--rate 2] [--churn 0]
 
-Each worker has a main thread that heartbeats like gunicorn's (a 1 s select, then a tiny write),
+Each worker has a main thread that heartbeats once a second from an asyncio event loop (the shape
+of an asyncio worker's main thread; a gthread loop's is idle by rule just the same),
 and the rest in a real ThreadPoolExecutor, as gthread's pool threads. A feeder thread submits
 `--rate` tasks a second per worker; a task is ~1 ms of CPU, then the pool thread waits again at
 the same point. `--churn S` replaces one worker every S seconds (SIGTERM, respawn), as
@@ -18,8 +19,8 @@ task that acquires a plain `threading.Lock` twice, an untimed futex wait that ne
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import select
 import signal
 import sys
 import threading
@@ -59,9 +60,13 @@ def worker(threads: int, rate: float) -> None:
 
         threading.Thread(target=feed, name="feeder", daemon=True).start()
     heartbeat = os.open(os.devnull, os.O_WRONLY)
-    while True:
-        select.select([], [], [], 1.0)
-        os.write(heartbeat, b".")
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            os.write(heartbeat, b".")
+
+    asyncio.run(beat())  # an event loop in the main thread, as an asyncio worker's
 
 
 def main() -> None:
