@@ -1,6 +1,6 @@
 """The live benchmarks still run: each script with --smoke, as a real subprocess, end to end
 (real PostgreSQL, gunicorn and agent), printing its table. Their figures are the benchmarks'
-business; here only that they run and report (about 45 s for both)."""
+business; here only that they run and report (about 2 minutes for all five)."""
 
 from __future__ import annotations
 
@@ -55,3 +55,28 @@ def test_detection_latency_smoke(tmp_path: Path) -> None:
     for line in ("detected ", "latency p50 / p95 / max", "deadlocks_detected_total",
                  "goal: p95 <= stuck-after + 2 s = 5 + 2 = 7 s -> "):  # fmt: skip
         assert line in out, f"{line!r} missing from:\n{out}"
+
+
+def test_cost_ratio_smoke(tmp_path: Path) -> None:
+    out = run_smoke("cost_ratio.py", tmp_path)
+    for mode in ("idle", "keep-alive", "new-connection"):
+        assert re.search(rf"^{mode}\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.MULTILINE), out
+        assert f"goal: {mode}: naive/agent >= 50 -> " in out, out
+    assert "goal: seed hang detected <= stuck-after + 2 s" in out, out
+
+
+def test_app_overhead_smoke(tmp_path: Path) -> None:
+    out = run_smoke("app_overhead.py", tmp_path)
+    assert re.search(r"^\s+1\s+off\s+[\d.]+", out, re.MULTILINE), out
+    assert re.search(r"^\s+2\s+on\s+[\d.]+", out, re.MULTILINE), out
+    assert "goal: throughput on/off >= 0.99 -> " in out, out
+    assert "goal: p99 within 2 % -> " in out, out
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    out = run_smoke("scale.py", tmp_path)
+    for line in ("cycle CPU p50 / p95 / max (ms)", "agent VmRSS max (MB)", "py-spy runs / min",
+                 "goal (idle): cycle CPU p95 <= 10.0 ms -> ",
+                 "goal (idle): agent VmRSS <= 60 MB -> "):  # fmt: skip
+        assert line in out, f"{line!r} missing from:\n{out}"
+    assert re.search(r"^\S+: detected 1/1", out, re.MULTILINE), out
