@@ -116,12 +116,12 @@ class _ThreadTrack:
         if self.stack_at >= self.moved_at:
             return True
         point = self.activity.blocked_at
-        if point is None or point != self.dumped_point:
-            return False
-        # Back at the very point where the last dump saw it: without progress since, its
-        # stack is that one; with progress, only when that stack was an idle wait (a pool
-        # thread back on the work queue after serving requests: same futex, same pointers).
-        return self.cpu_at <= self.stack_at or self.idle
+        # Back at the very point where the last dump saw it (same syscall arguments, stack and
+        # instruction pointers: the same call site at the same depth), with or without work in
+        # between: a pool thread back on the work queue, or serving the next 2 s query at the
+        # same line. Its stack is that one again; how long it has been stalled there is still
+        # counted from its last progress.
+        return point is not None and point == self.dumped_point
 
     @property
     def held(self) -> bool:
