@@ -111,8 +111,8 @@ class _ThreadTrack:
     def current(self) -> bool:
         """Its stack is still the one the last dump saw: it has not run since, or it sits at the
         very blocking point it had then (same syscall arguments, stack and instruction
-        pointers) having only woken up, as a thread polling in slices does, or having served
-        requests and come back to the idle wait it was dumped in."""
+        pointers), whether it only woke up, as a thread polling in slices does, or did work in
+        between and came back (the work queue, the next query at the same line)."""
         if self.stack_at >= self.moved_at:
             return True
         point = self.activity.blocked_at
