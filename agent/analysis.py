@@ -133,6 +133,19 @@ class _ThreadTrack:
         """Seconds without progress."""
         return now - self.cpu_at
 
+    def calm_until(self, suspect_after: float) -> float:
+        """Until when time alone changes nothing about its verdict or its need of a dump, as
+        long as no scan or dump brings news: forever for a thread where its last dump saw it
+        on an idle stack (or with no Python stack: idle or running by /proc, not by time);
+        until it has been quiet for suspect_after (then it wants a dump) for one that made
+        progress since its last dump (running, or idle by rule, whatever the time); never for
+        the rest (a stalled clock runs)."""
+        if self.current:
+            return math.inf if self.idle or self.stack is None else -math.inf
+        if self.cpu_at > self.stack_at:
+            return self.cpu_at + suspect_after
+        return math.inf if self.stack is None else -math.inf
+
 
 @dataclass
 class _WorkerTrack:
@@ -148,6 +161,31 @@ class _WorkerTrack:
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
     report: WorkerReport | None = None  # the last verdict, reused while it still holds
     native_works: bool = True  # False once py-spy could not unwind it (gevent's greenlets)
+    # Until when time alone changes nothing about this worker's verdict or its plan: while no
+    # scan or dump brings news (dirty), plan and judge skip it, so an idle worker, or one whose
+    # threads serve and go back to where they were dumped, costs its scan and nothing more.
+    calm_until: float = -math.inf
+    dirty: bool = True
+
+    def settle(self, settings: AnalysisSettings) -> None:
+        """After a judgment: take the news as read, and work out `calm_until`."""
+        self.dirty = False
+        if self.stuck_tids or self.role_tids or self.want_native or self.last_dump_at == -math.inf:
+            self.calm_until = -math.inf
+            return
+        until = min(
+            (t.calm_until(settings.suspect_after) for t in self.threads.values()),
+            default=math.inf,
+        )
+        if until > self.last_dump_at + settings.dump_interval and not all(
+            t.current for t in self.threads.values()
+        ):
+            until = self.last_dump_at + settings.dump_interval  # the refresh comes due
+        self.calm_until = until
+
+    def calm(self, now: float) -> bool:
+        """Nothing to plan or judge anew this cycle."""
+        return not self.dirty and now < self.calm_until
 
 
 class Tracker:
@@ -159,6 +197,7 @@ class Tracker:
         self._workers: dict[WorkerRef, _WorkerTrack] = {}
         self._dumped_at: collections.deque[float] = collections.deque()  # the last minute's
         self.deferred = 0  # dumps planned but left for a later cycle by the budget
+        self._retained: object = None  # the last workers tuple retained
 
     @property
     def workers(self) -> tuple[WorkerRef, ...]:
@@ -167,12 +206,15 @@ class Tracker:
 
     def retain(self, workers: Iterable[WorkerRef]) -> None:
         """Forget workers that are gone; start tracking new ones."""
+        if isinstance(workers, tuple) and workers is self._retained:
+            return  # discovery's cached tuple again: nothing came or went
+        self._retained = workers if isinstance(workers, tuple) else None
         alive = set(workers)
-        for ref in list(self._workers):
-            if ref not in alive:
-                del self._workers[ref]
+        for ref in [ref for ref in self._workers if ref not in alive]:
+            del self._workers[ref]
         for ref in alive:
-            self._workers.setdefault(ref, _WorkerTrack(ref))
+            if ref not in self._workers:
+                self._workers[ref] = _WorkerTrack(ref)
 
     def native_failed(self, worker: WorkerRef) -> None:
         """py-spy cannot unwind this worker natively: plan only Python dumps for it from now."""
@@ -180,6 +222,7 @@ class Tracker:
         if track is not None:
             track.native_works = False
             track.want_native = False
+            track.dirty = True
 
     def native_allowed(self, worker: WorkerRef) -> bool:
         """Whether a --native dump of this worker is allowed and has not failed before."""
@@ -189,6 +232,7 @@ class Tracker:
     def forget(self, worker: WorkerRef) -> None:
         """Drop a worker that vanished mid-cycle."""
         self._workers.pop(worker, None)
+        self._retained = None
 
     def observe_proc(self, sample: ProcSample, *, after_dump: bool = False) -> None:
         """Fold in a /proc scan: note which threads ran, and which made progress.
@@ -209,6 +253,7 @@ class Tracker:
         if live is not track.live and live != track.live:
             track.threads = {tid: t for tid, t in track.threads.items() if tid in live}
             track.live = live
+            track.dirty = True
         # Only threads that changed are in the sample: the rest did not run, and nothing about
         # them needs doing now (their windows are rolled when they next change).
         for activity in sample.threads:
@@ -218,7 +263,9 @@ class Tracker:
                     activity=activity, moved_at=now, cpu_at=now, window_at=now,
                     window_ns=activity.cpu_ns,
                 )  # fmt: skip
+                track.dirty = True
                 continue
+            calm = old.calm_until(self.settings.suspect_after)
             if previous - old.window_at >= self.settings.suspect_after:
                 # Its window ended while it sat unchanged: start the new one at the last scan.
                 old.window_at, old.window_ns, old.written_off_ns = previous, old.activity.cpu_ns, 0
@@ -243,6 +290,8 @@ class Tracker:
             if earned > _allowance(elapsed, resolution) or elapsed >= self.settings.suspect_after:
                 old.window_at, old.window_ns, old.written_off_ns = now, activity.cpu_ns, 0
             old.activity = activity
+            if old.calm_until(self.settings.suspect_after) < calm:
+                track.dirty = True  # news (a thread back at its idle point brings none)
 
     def observe_stacks(self, snapshot: StackSnapshot) -> None:
         """Fold in a py-spy dump of one worker."""
@@ -250,6 +299,7 @@ class Tracker:
         if track is None:
             return
         at = snapshot.taken_at
+        track.dirty = True
         stacks = {s.tid: s for s in snapshot.threads}
         main = stacks.get(snapshot.worker.pid)
         if main is not None and track.kind is None:
@@ -307,6 +357,8 @@ class Tracker:
         s = self.settings
         wanted: list[tuple[int, float, WorkerRef, DumpKind]] = []
         for ref, track in self._workers.items():
+            if track.calm(now):
+                continue  # no news, and nothing comes due yet
             threads = track.threads.values()
             quiet = [t for t in threads if t.quiet(now) >= s.suspect_after]
             watched = track.stuck_tids | track.role_tids
@@ -399,6 +451,9 @@ class Tracker:
         comparisons a cycle and no new objects."""
         reports = []
         for ref, track in sorted(self._workers.items()):
+            if track.report is not None and track.calm(now):
+                reports.append(track.report)  # no news, and time alone changes nothing yet
+                continue
             threads: list[ThreadReport] = []
             any_stuck = False
             for tid, thread in sorted(track.threads.items()):
@@ -448,6 +503,7 @@ class Tracker:
                 or any(a is not b for a, b in zip(last.threads, threads, strict=True))
             ):
                 last = track.report = WorkerReport(ref, verdict, tuple(threads), findings)
+            track.settle(self.settings)
             reports.append(last)
         return tuple(reports)
 

@@ -6,6 +6,7 @@ scrape never sees half a cycle. Names are a contract (alert rules, dashboards de
 
 from __future__ import annotations
 
+import resource
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
@@ -17,6 +18,14 @@ from agent.types import CycleReport, ThreadState, WorkerState
 
 PREFIX = "deadlock_agent"
 SAMPLE_METHODS = ("proc", "pyspy", "pyspy_native")
+
+
+def own_cpu() -> dict[str, float]:
+    """CPU seconds used since start, read at scrape time: this process, and its py-spy
+    children (the only children it has, reaped after each dump)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"agent": me.ru_utime + me.ru_stime, "pyspy": kids.ru_utime + kids.ru_stime}
 
 
 class AgentCollector(Collector):
@@ -165,8 +174,8 @@ class AgentCollector(Collector):
             "CPU time the agent has used since start: its own process, and its py-spy runs.",
             labels=["part"],
         )
-        for part in ("agent", "pyspy"):
-            cpu.add_metric([part], r.cpu_seconds.get(part, 0.0))
+        for part, used in own_cpu().items():
+            cpu.add_metric([part], used)
         yield cpu
         yield CounterMetricFamily(
             f"{PREFIX}_dumps_deferred",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import resource
 import threading
 import time
 from collections import Counter
@@ -67,14 +66,6 @@ def log_incident(incident: Incident) -> None:
     log.warning("%s %s", record["event"], json.dumps(record, sort_keys=True))
     if incident.resolved_at is None:
         log.warning("%s", incident_text(incident))
-
-
-def own_cpu() -> dict[str, float]:
-    """CPU seconds used since start: this process, and its py-spy children (the only children
-    it has, reaped after each dump)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"agent": me.ru_utime + me.ru_stime, "pyspy": kids.ru_utime + kids.ru_stime}
 
 
 class Monitor:
@@ -180,7 +171,6 @@ class Monitor:
             incidents_total=dict(self.incidents.totals),
             progress_resolution_ns=1 if self.scanner.precise else procfs.NS_PER_TICK,
             cycle_cpu=time.thread_time() - cpu_started,
-            cpu_seconds=own_cpu(),
             dumps_deferred=self.tracker.deferred,
         )
         self.last_report = report  # one reference swap: readers never see half a report

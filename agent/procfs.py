@@ -79,11 +79,13 @@ def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str |
     """Return (syscall number, blocking point, timed wait) from a syscall file; (None, None,
     False) when the thread is running or blocked outside a syscall.
 
-    The blocking point is the first three arguments (the epoll fd alone for an epoll wait) and
-    the stack and instruction pointers: what identifies the call site. Left out: the number,
-    which becomes restart_syscall after a ptrace stop, and the other argument registers, which
-    hold leftovers that change between calls at the same site (measured: psycopg 3's poll
-    slices)."""
+    The blocking point is the first three arguments and the stack and instruction pointers:
+    what identifies the call site. Left out: the number, which becomes restart_syscall after a
+    ptrace stop, and the other argument registers, which hold leftovers that change between
+    calls at the same site (measured: psycopg 3's poll slices). An epoll wait is identified by
+    its epoll fd and pc alone: Python passes a fresh events buffer each call, and asyncio's
+    loop reaches its select at two stack depths in turn (sp 0x60 apart, measured); a thread
+    waiting on that epoll fd is that loop's thread, waiting in it."""
     fields = text.split()
     # "running" while on CPU, "-1 sp pc" when blocked outside a syscall.
     if not fields or fields[0] == "running" or fields[0].startswith("-"):
@@ -91,8 +93,12 @@ def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str |
     try:
         number = int(fields[0])
         args = fields[1:7]
-        kept = 1 if number in _EPOLL.get(machine, ()) else 3
-        point = " ".join([*args[:kept], *fields[7:9]]) if len(fields) >= 9 else None
+        if len(fields) < 9:
+            point = None
+        elif number in _EPOLL.get(machine, ()):
+            point = f"{args[0]} {fields[8]}"
+        else:
+            point = " ".join([*args[:3], *fields[7:9]])
         return number, point, point is not None and timed_wait(number, args, machine)
     except ValueError:
         return None, None, False
@@ -153,13 +159,15 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
 class _Task:
     """One thread the Scanner keeps an eye on: its schedstat file held open."""
 
-    __slots__ = ("activity", "fd", "path", "raw", "syscall_fd")
+    __slots__ = ("activity", "fd", "path", "raw", "syscall", "syscall_fd", "syscall_raw")
 
     def __init__(self, path: str, fd: int | None, activity: ThreadActivity) -> None:
         self.path = path  # .../task/TID
         self.fd = fd  # schedstat, open; None past the fd budget (then open-read-close)
         self.syscall_fd: int | None = None  # syscall, opened when it first runs
         self.raw = b""  # schedstat's bytes at the last look
+        self.syscall_raw: bytes | None = None  # syscall's bytes at the last look, and parsed:
+        self.syscall: tuple[int | None, str | None, bool, bool] = (None, None, False, False)
         self.activity = activity
 
 
@@ -191,18 +199,23 @@ class Scanner:
         self.precise = True
         self._watched: dict[WorkerRef, _Watched] = {}
         self._open_fds = 0
+        self._retained: object = None
         self.max_fds = fd_budget() if max_fds is None else max_fds
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def retain(self, workers: Iterable[WorkerRef]) -> None:
         """Close what is held open for workers no longer watched."""
+        if isinstance(workers, tuple) and workers is self._retained:
+            return  # discovery's cached tuple again: nothing came or went
         keep = set(workers)
         for worker in [w for w in self._watched if w not in keep]:
             self.forget(worker)
+        self._retained = workers if isinstance(workers, tuple) else None
 
     def forget(self, worker: WorkerRef) -> None:
         """Close every fd held for a worker."""
+        self._retained = None
         watched = self._watched.pop(worker, None)
         if watched is None:
             return
@@ -348,12 +361,17 @@ class Scanner:
     def _activity(self, tid: int, task: _Task, raw: bytes) -> ThreadActivity:
         cpu_ns, runs = parse_schedstat(raw.decode("ascii"))
         # Only for a thread that ran: where it blocks now ("running": on a CPU). The file needs
-        # ptrace access; without it the thread is judged on schedstat alone.
-        syscall_text = self._read_syscall(task)
-        number, blocked_at, timed = (
-            parse_syscall(syscall_text) if syscall_text else (None, None, False)
-        )
-        running = syscall_text is not None and syscall_text.startswith("running")
+        # ptrace access; without it the thread is judged on schedstat alone. A thread back at
+        # the same point (a pool thread on its work queue) reads the same bytes: parsed once.
+        syscall_raw = self._read_syscall(task)
+        if syscall_raw != task.syscall_raw:
+            text = syscall_raw.decode("ascii", "replace") if syscall_raw is not None else None
+            task.syscall_raw = syscall_raw
+            task.syscall = (
+                *(parse_syscall(text) if text else (None, None, False)),
+                text is not None and text.startswith("running"),
+            )
+        number, blocked_at, timed, running = task.syscall
         old = task.activity
         return ThreadActivity(
             tid=tid, start_ticks=old.start_ticks, comm=old.comm, state="R" if running else "S",
@@ -361,13 +379,13 @@ class Scanner:
             timed_wait=timed,
         )  # fmt: skip
 
-    def _read_syscall(self, task: _Task) -> str | None:
+    def _read_syscall(self, task: _Task) -> bytes | None:
         try:
             if task.syscall_fd is None:
                 task.syscall_fd = self._open(f"{task.path}/syscall")
                 if task.syscall_fd is None:  # past the fd budget
-                    return _read(f"{task.path}/syscall")
-            return os.pread(task.syscall_fd, 256, 0).decode("ascii", "replace")
+                    return _read_bytes(f"{task.path}/syscall")
+            return os.pread(task.syscall_fd, 256, 0)
         except OSError:
             return None
 

@@ -237,5 +237,4 @@ class CycleReport:
     # How finely progress is measured: 1 ns with schedstat, a clock tick without it.
     progress_resolution_ns: int = 1
     cycle_cpu: float = 0.0  # CPU seconds the sampling thread spent on this cycle
-    cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # "agent", "pyspy" totals
     dumps_deferred: int = 0  # dumps the per-minute budget has put off, since start

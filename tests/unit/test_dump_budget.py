@@ -96,9 +96,9 @@ def test_steady_traffic_with_nothing_stuck_costs_no_py_spy_runs_after_the_first_
     fake = FakeProc(tmp_path, pids)
     refs = tuple(WorkerRef(pid, 100.0, 1) for pid in pids)
     runner = CountingRunner()
-    pyspy = PySpy(runner=runner, search_dirs=(), path="/usr/bin:/bin")
-    pyspy.executable = "/usr/bin/true"  # found: the runner answers for it
     clock = [0.0]
+    pyspy = PySpy(runner=runner, search_dirs=(), path="/usr/bin:/bin", clock=lambda: clock[0])
+    pyspy.executable = "/usr/bin/true"  # found: the runner answers for it
     monitor = Monitor(
         workers=Workers(refs), stacks=pyspy, tracker=Tracker(load_catalog(), SETTINGS),
         proc=str(tmp_path), clock=lambda: clock[0], listeners=[],
@@ -134,9 +134,9 @@ def test_the_budget_bounds_dumps_when_every_thread_is_a_suspect(tmp_path: Path) 
     fake = FakeProc(tmp_path, pids)
     refs = tuple(WorkerRef(pid, 100.0, 1) for pid in pids)
     runner = CountingRunner()
-    pyspy = PySpy(runner=runner, search_dirs=(), path="/usr/bin:/bin")
-    pyspy.executable = "/usr/bin/true"
     clock = [0.0]
+    pyspy = PySpy(runner=runner, search_dirs=(), path="/usr/bin:/bin", clock=lambda: clock[0])
+    pyspy.executable = "/usr/bin/true"
     monitor = Monitor(
         workers=Workers(refs), stacks=pyspy, tracker=Tracker(load_catalog(), SETTINGS),
         proc=str(tmp_path), clock=lambda: clock[0], listeners=[],
@@ -152,3 +152,38 @@ def test_the_budget_bounds_dumps_when_every_thread_is_a_suspect(tmp_path: Path) 
         in_minute = [at for at in runner.dumps if minute * 60 <= at < (minute + 1) * 60]
         assert len(in_minute) <= SETTINGS.max_dumps_per_minute, (minute, len(in_minute))
     assert monitor.last_report is not None and monitor.last_report.dumps_deferred > 0
+
+
+def test_a_settled_worker_is_skipped_until_a_thread_leaves_its_idle_point(tmp_path: Path) -> None:
+    """Plan and judge skip a worker whose threads all sit where their last dump saw them, at an
+    idle point; a thread that moves to a new blocking point and stops there is news, and is
+    dumped as a suspect within suspect_after of going quiet."""
+    pids = (3000,)
+    fake = FakeProc(tmp_path, pids)
+    refs = tuple(WorkerRef(pid, 100.0, 1) for pid in pids)
+    runner = CountingRunner()
+    clock = [0.0]
+    pyspy = PySpy(runner=runner, search_dirs=(), path="/usr/bin:/bin", clock=lambda: clock[0])
+    pyspy.executable = "/usr/bin/true"
+    tracker = Tracker(load_catalog(), SETTINGS)
+    monitor = Monitor(
+        workers=Workers(refs), stacks=pyspy, tracker=tracker,
+        proc=str(tmp_path), clock=lambda: clock[0], listeners=[],
+    )  # fmt: skip
+
+    def tick(second: int) -> object:
+        clock[0] = runner.now = float(second)
+        fake.set(3000, 3000, EPOLL, cpu_ns=90_000, runs=1)  # the heartbeat, back at its point
+        return monitor.cycle().workers[0]
+
+    for second in range(5):
+        tick(second)
+    assert len(runner.dumps) == 1  # the first look
+    settled = tick(5)
+    assert tick(6) is settled and tick(7) is settled  # judged once, then reused
+    pool = 3000 + (POOL_TIDS[0] - MAIN_TID)
+    clock[0] = 8.0
+    fake.set(3000, pool, REQUEST, cpu_ns=6_000_000, runs=14)  # serves, then stops in poll
+    for second in range(8, 12):
+        tick(second)
+    assert runner.dumps[1:] == [10.0], runner.dumps  # quiet for suspect_after: dumped

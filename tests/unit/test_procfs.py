@@ -114,6 +114,7 @@ def test_parse_ctx_switches(status: str, expected: int) -> None:
 
 
 SP_PC = "0x7ffd 0x7f1"
+PC = "0x7f1"
 
 
 @pytest.mark.parametrize(
@@ -135,11 +136,12 @@ SP_PC = "0x7ffd 0x7f1"
      # restarted after a ptrace stop: the same point
      (f"219 0x7ffd5e0 0x1 0xffffffff 0x0 0x0 0x0 {SP_PC}\n",
       (219, f"0x7ffd5e0 0x1 0xffffffff {SP_PC}", True)),
-     # gthread's event loop: a fresh events buffer every call; the epoll fd is the wait
-     (f"232 0x5 0x7f534dbe4a50 0x3 0x3e8 0x0 0x0 {SP_PC}\n",
-      (232, f"0x5 {SP_PC}", True)),
-     (f"232 0x5 0x7f534dbe5b30 0x2 0x3e8 0x0 0x0 {SP_PC}\n",
-      (232, f"0x5 {SP_PC}", True)),
+     # gthread's event loop: a fresh events buffer every call, and asyncio's reaches its select
+     # at two stack depths in turn: the epoll fd (and pc) is the wait
+     (f"232 0x5 0x7f534dbe4a50 0x3 0x3e8 0x0 0x0 0x7ffcc8cc8430 {PC}\n",
+      (232, f"0x5 {PC}", True)),
+     (f"232 0x5 0x7f534dbe5b30 0x2 0x3e8 0x0 0x0 0x7ffcc8cc8490 {PC}\n",
+      (232, f"0x5 {PC}", True)),
      # a sleep is not a wait
      (f"230 0x1 0x1 0x7ffd10 0x0 0x0 0x0 {SP_PC}\n", (230, f"0x1 0x1 0x7ffd10 {SP_PC}", False)),
      (f"0 0x3 0x7f 0x2000 0x0 0x0 0x0 {SP_PC}\n", (0, f"0x3 0x7f 0x2000 {SP_PC}", False)),
