@@ -396,8 +396,15 @@ def _num_threads(stat: bytes) -> int:
 
 
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+    """A small /proc file's bytes: one open, read and close (no buffered file object)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 4096)]
+        while len(chunks[-1]) == 4096:  # a master with hundreds of children
+            chunks.append(os.read(fd, 4096))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def fd_budget(reserve: int = 256) -> int:
@@ -448,7 +455,7 @@ def children(pid: int, *, proc: str = DEFAULT_PROC) -> list[int] | None:
         tids = os.listdir(f"{proc}/{pid}/task")
         for tid in tids:
             try:
-                found.extend(int(c) for c in _read(f"{proc}/{pid}/task/{tid}/children").split())
+                found.extend(map(int, _read_bytes(f"{proc}/{pid}/task/{tid}/children").split()))
             except FileNotFoundError:
                 if not os.path.exists(f"{proc}/{pid}/task/{tid}"):
                     continue  # that thread ended: normal
