@@ -80,3 +80,12 @@ def test_scale_smoke(tmp_path: Path) -> None:
                  "goal (idle): agent VmRSS <= 60 MB -> "):  # fmt: skip
         assert line in out, f"{line!r} missing from:\n{out}"
     assert re.search(r"^\S+: detected 1/1", out, re.MULTILINE), out
+
+
+def test_cycle_profile_smoke(tmp_path: Path) -> None:
+    out = run_smoke("cycle_profile.py", tmp_path)
+    assert "cycle profile: 2 workers, " in out, out
+    for stage in ("discovery", "scan (/proc)", "observe_proc", "plan", "judge", "incidents",
+                  "the rest (loop, report)", "cycle total p50 / p95", "idle wake-up, sleep",
+                  "idle wake-up, queue"):  # fmt: skip
+        assert re.search(rf"^{re.escape(stage)}\s+[\d.]+", out, re.MULTILINE), f"{stage}:\n{out}"
