@@ -18,14 +18,16 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from agent.signatures import Catalog
+from agent.locks import LockProof
+from agent.signatures import Candidate, Catalog
 from agent.types import (
     NO_SIGNATURE,
     DumpKind,
     Finding,
+    HangClass,
     Incident,
     ProcSample,
     StackSnapshot,
@@ -67,6 +69,9 @@ DUMP_ALLOWANCE_NS = 250_000
 #: and real requests (~400 us a run) keep their progress.
 POLL_WAKE_NS = 150_000
 POLL_MIN_RATE = 8.0
+#: A thread using at least this share of a CPU between two scans is *hot*; hot for
+#: `stuck_after` on the same stack shape (dumps at least half that apart) is *spinning*.
+HOT_SHARE = 0.5
 #: Ticks of noise allowed at clock-tick resolution (ptrace stops are charged as system time).
 CPU_NOISE_TICKS = 2
 
@@ -89,6 +94,12 @@ def stack_key(stack: ThreadStack) -> tuple[tuple[str, str, int], ...]:
     return tuple((f.function, f.file, f.line) for f in stack.frames if not f.native)
 
 
+def spin_shape(stack: ThreadStack) -> tuple[tuple[str, str], ...]:
+    """What "a busy stack has not moved" compares: its Python functions, not their lines (a
+    loop spinning inside one function is caught on different lines)."""
+    return tuple((f.function, f.file) for f in stack.frames if not f.native)
+
+
 @dataclass
 class _ThreadTrack:
     activity: ThreadActivity
@@ -106,6 +117,10 @@ class _ThreadTrack:
     unchanged_since: float = math.inf
     dumped_point: str | None = None  # its blocking point right after the last dump
     report: ThreadReport | None = None  # the last verdict, reused while it still holds
+    # Hot: on a CPU at least HOT_SHARE of the time since hot_since, scan after scan.
+    hot_since: float | None = None
+    shape: tuple[tuple[str, str], ...] | None = None  # spin_shape of the last dump's stack
+    shape_since: float | None = None  # the first dump of this hot spell with that shape
 
     @property
     def current(self) -> bool:
@@ -140,6 +155,8 @@ class _ThreadTrack:
         until it has been quiet for suspect_after (then it wants a dump) for one that made
         progress since its last dump (running, or idle by rule, whatever the time); never for
         the rest (a stalled clock runs)."""
+        if self.hot_since is not None:
+            return -math.inf  # a spin is judged on time
         if self.current:
             return math.inf if self.idle or self.stack is None else -math.inf
         if self.cpu_at > self.stack_at:
@@ -157,6 +174,7 @@ class _WorkerTrack:
     last_dump_at: float = -math.inf
     last_native_at: float = -math.inf
     stuck_tids: frozenset[int] = frozenset()  # stuck at the last judgment
+    spin_tids: frozenset[int] = frozenset()  # spinning at the last judgment
     role_tids: frozenset[int] = frozenset()  # filling a signature role at the last judgment
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
     report: WorkerReport | None = None  # the last verdict, reused while it still holds
@@ -166,11 +184,19 @@ class _WorkerTrack:
     # threads serve and go back to where they were dumped, costs its scan and nothing more.
     calm_until: float = -math.inf
     dirty: bool = True
+    hot: set[int] = field(default_factory=set)  # tids hot at the last scan
+    proof: LockProof | None = None  # native mutex waits read from memory (agent.locks)
 
     def settle(self, settings: AnalysisSettings) -> None:
         """After a judgment: take the news as read, and work out `calm_until`."""
         self.dirty = False
-        if self.stuck_tids or self.role_tids or self.want_native or self.last_dump_at == -math.inf:
+        if (
+            self.stuck_tids
+            or self.spin_tids
+            or self.role_tids
+            or self.want_native
+            or self.last_dump_at == -math.inf
+        ):
             self.calm_until = -math.inf
             return
         until = min(
@@ -224,6 +250,26 @@ class Tracker:
             track.want_native = False
             track.dirty = True
 
+    def lock_suspects(self) -> list[WorkerRef]:
+        """Workers with a thread stuck in a futex wait: their native mutexes are worth reading
+        (agent.locks proves a cycle or an orphaned lock from them)."""
+        return [
+            ref
+            for ref, track in self._workers.items()
+            if any(
+                track.threads[tid].activity.syscall_name == "futex"
+                for tid in track.stuck_tids
+                if tid in track.threads
+            )
+        ]
+
+    def observe_locks(self, worker: WorkerRef, proof: LockProof) -> None:
+        """Fold in what the worker's mutexes say (read while some thread of it is stuck)."""
+        track = self._workers.get(worker)
+        if track is not None and proof != track.proof:
+            track.proof = proof
+            track.dirty = True
+
     def native_allowed(self, worker: WorkerRef) -> bool:
         """Whether a --native dump of this worker is allowed and has not failed before."""
         track = self._workers.get(worker)
@@ -254,6 +300,11 @@ class Tracker:
             track.threads = {tid: t for tid, t in track.threads.items() if tid in live}
             track.live = live
             track.dirty = True
+        if not after_dump and track.hot:
+            ran = {a.tid for a in sample.threads}
+            for tid in [tid for tid in track.hot if tid not in ran]:
+                track.threads[tid].hot_since = None  # it did not run at all: cooled down
+                track.dirty = True
         # Only threads that changed are in the sample: the rest did not run, and nothing about
         # them needs doing now (their windows are rolled when they next change).
         for activity in sample.threads:
@@ -276,6 +327,11 @@ class Tracker:
                 old.dumped_point = activity.blocked_at
             elif step or runs:
                 old.moved_at = now
+                share = step / ((now - previous) * 1e9) if now > previous else 0.0
+                if share >= HOT_SHARE:
+                    old.hot_since = previous if old.hot_since is None else old.hot_since
+                else:
+                    old.hot_since = None
                 if (
                     activity.timed_wait
                     and activity.blocked_at is not None
@@ -292,6 +348,7 @@ class Tracker:
             old.activity = activity
             if old.calm_until(self.settings.suspect_after) < calm:
                 track.dirty = True  # news (a thread back at its idle point brings none)
+        track.hot = {tid for tid, t in track.threads.items() if t.hot_since is not None}
 
     def observe_stacks(self, snapshot: StackSnapshot) -> None:
         """Fold in a py-spy dump of one worker."""
@@ -333,6 +390,15 @@ class Tracker:
                     thread.moved_at = at
                 # It has not run since moved_at, so this stack has been its stack since then.
                 thread.unchanged_since = thread.moved_at
+            shape = spin_shape(stack) if stack is not None else None
+            if (
+                shape != thread.shape
+                or thread.shape_since is None
+                or thread.hot_since is None
+                or thread.shape_since < thread.hot_since
+            ):
+                thread.shape_since = at  # a new shape, or the first look in this hot spell
+            thread.shape = shape
             thread.stack = stack
             thread.idle = stack is not None and self.catalog.idle_rule(stack) is not None
             thread.stack_at = at
@@ -372,6 +438,18 @@ class Tracker:
             # when we knew its stack before (it moved, then stopped), a first look when not.
             unseen = any(not t.current and t.stack is not None for t in quiet)
             never_seen = any(t.stack is None and t.stack_at == -math.inf for t in quiet)
+            # Hot for a while: look, then look again half of stuck_after later (the same
+            # functions both times make it spinning), then every stuck_after while it spins.
+            spin_gap = max(s.suspect_after, (s.stuck_after - s.suspect_after) / 2)
+            spin = any(
+                t.hot_since is not None
+                and now - t.hot_since >= s.suspect_after
+                and (
+                    t.stack_at < t.hot_since
+                    or now - t.stack_at >= (s.stuck_after if tid in track.spin_tids else spin_gap)
+                )
+                for tid, t in track.threads.items()
+            )
             # Quiet, busy-looking, and we only have its Python frames: the native ones tell
             # whether it is inside libpq or OpenSSL.
             needs_native = any(
@@ -387,7 +465,7 @@ class Tracker:
             kind = DumpKind.NATIVE if native else DumpKind.PYTHON
             if (track.want_native and native) or recheck:
                 priority = 0
-            elif native or unseen:
+            elif native or unseen or spin:
                 priority = 1
             elif never_seen or track.last_dump_at == -math.inf:
                 priority = 2  # a first look
@@ -425,6 +503,19 @@ class Tracker:
             # No Python stack (not dumped yet, or a native-only thread): never called stuck.
             state = ThreadState.RUNNING if thread.activity.state == "R" else ThreadState.IDLE
             return state, 0.0
+        if thread.hot_since is not None:
+            # On a CPU scan after scan. Spinning once it has been so for stuck_after and two
+            # dumps at least half that apart caught the same functions; else simply running.
+            s = self.settings
+            hot_for = now - thread.hot_since
+            if (
+                hot_for >= s.stuck_after
+                and thread.shape_since is not None
+                and thread.shape_since >= thread.hot_since
+                and thread.stack_at - thread.shape_since >= (s.stuck_after - s.suspect_after) / 2
+            ):
+                return ThreadState.SPINNING, hot_for
+            return ThreadState.RUNNING, 0.0
         if thread.idle:
             return ThreadState.IDLE, 0.0
         if thread.current or (was_stuck and thread.held):
@@ -455,7 +546,7 @@ class Tracker:
                 reports.append(track.report)  # no news, and time alone changes nothing yet
                 continue
             threads: list[ThreadReport] = []
-            any_stuck = False
+            any_stuck = any_spin = False
             for tid, thread in sorted(track.threads.items()):
                 state, stuck_for = self._classify(thread, now, tid in track.stuck_tids)
                 report = thread.report
@@ -476,6 +567,7 @@ class Tracker:
                     )
                 threads.append(report)
                 any_stuck = any_stuck or state is ThreadState.STUCK
+                any_spin = any_spin or state is ThreadState.SPINNING
             stuck = (
                 frozenset(t.tid for t in threads if t.state is ThreadState.STUCK)
                 if any_stuck
@@ -484,16 +576,19 @@ class Tracker:
             if stuck - track.stuck_tids:
                 track.want_native = True
             track.stuck_tids = stuck
-            findings = self._match(self._candidates(track, threads, now)) if stuck else ()
+            track.spin_tids = (
+                frozenset(t.tid for t in threads if t.state is ThreadState.SPINNING)
+                if any_spin
+                else frozenset()
+            )
+            if not stuck:
+                track.proof = None  # read again when something is stuck again
+            findings = (
+                self._match(track, threads, now) if stuck or track.spin_tids else ()
+            )
+            findings = tuple(f for f in findings if _counts(ref, f))
             track.role_tids = frozenset(t.tid for f in findings for _, t in f.threads)
-            if findings:
-                verdict = WorkerState.DEADLOCKED
-            elif any(t.request and t.state is ThreadState.STUCK for t in threads):
-                # A background thread stuck alone (an APM harvest in a dead handshake) is shown
-                # as a stuck thread, but the worker still serves: it is not a stuck worker.
-                verdict = WorkerState.STUCK
-            else:
-                verdict = WorkerState.OK
+            verdict = _verdict(threads, findings)
             last = track.report
             if (
                 last is None
@@ -509,38 +604,120 @@ class Tracker:
 
     def _candidates(
         self, track: _WorkerTrack, threads: list[ThreadReport], now: float
-    ) -> list[tuple[ThreadReport, bool]]:
-        """Threads that may fill a signature's role, and whether each is stuck.
+    ) -> tuple[list[tuple[ThreadReport, Candidate]], list[Candidate]]:
+        """Threads that may fill a signature's role (with what /proc says of each), and every
+        other thread with a stack (for roles that must be absent).
 
         A role is filled only by a thread whose stack is its stack *now*: it has not run since
         the dump, nor for a while (a busy HTTPS thread caught mid-call by one dump is not
         "inside OpenSSL"). A thread already in a role keeps it while only woken (held), so
         someone else's ptrace does not make the verdict flap."""
-        candidates = []
+        candidates: list[tuple[ThreadReport, Candidate]] = []
+        others: list[Candidate] = []
         for report in threads:
             thread = track.threads[report.tid]
+            if thread.stack is None:
+                continue
             in_role = report.tid in track.role_tids
             stuck = report.state is ThreadState.STUCK
+            spinning = report.state is ThreadState.SPINNING
             settled = (
                 thread.current
                 and (thread.quiet(now) >= self.settings.suspect_after or stuck or in_role)
             ) or (thread.held and in_role)
-            if thread.stack is not None and settled:
-                candidates.append((report, stuck))
-        return candidates
+            candidate = Candidate(thread.stack, thread.activity, stuck, spinning)
+            if settled or spinning:
+                candidates.append((report, candidate))
+            else:
+                others.append(candidate)
+        return candidates, others
 
-    def _match(self, candidates: list[tuple[ThreadReport, bool]]) -> tuple[Finding, ...]:
-        if not any(stuck for _, stuck in candidates):
+    def _match(
+        self, track: _WorkerTrack, threads: list[ThreadReport], now: float
+    ) -> tuple[Finding, ...]:
+        candidates, others = self._candidates(track, threads, now)
+        if not any(c.stuck or c.spinning for _, c in candidates):
             return ()
-        stacks = [(r.stack, stuck) for r, stuck in candidates if r.stack is not None]
+        pool = [c for _, c in candidates]
         findings = []
         for signature in self.catalog.signatures:
-            assigned = self.catalog.assign_roles(signature, stacks)
+            assigned = self.catalog.assign_roles(signature, pool, others)
             if assigned is not None:
-                pairs = zip(signature.roles, assigned, strict=True)
+                present = [role for role in signature.roles if not role.absent]
+                pairs = zip(present, assigned, strict=True)
                 roles = tuple((role.name, candidates[i][0]) for role, i in pairs)
                 findings.append(Finding(signature, roles))
-        return tuple(findings)
+        return (*findings, *self._proven(track, threads, findings))
+
+    def _proven(
+        self, track: _WorkerTrack, threads: list[ThreadReport], found: list[Finding]
+    ) -> list[Finding]:
+        """Findings of a lock proof: a cycle of mutex waits, or a mutex whose owner is gone,
+        among stuck threads; left out where a deadlock-class finding from frames names the
+        same threads (the more specific entry)."""
+        proof = track.proof
+        if proof is None or not proof.proven:
+            return []
+        by_tid = {t.tid: t for t in threads if t.state is ThreadState.STUCK}
+        named = {
+            t.tid
+            for f in found
+            if f.signature.hang_class is HangClass.DEADLOCK
+            for _, t in f.threads
+        }
+        waits = {waiter: (address, owner) for waiter, address, owner in proof.edges}
+        findings = []
+        for kind, groups in (
+            ("cycle", proof.cycles),
+            ("orphan", tuple((waiter,) for waiter, _ in proof.orphans)),
+        ):
+            signature = self.catalog.proven(kind)
+            if signature is None:
+                continue
+            for tids in groups:
+                if not all(tid in by_tid for tid in tids) or set(tids) <= named:
+                    continue
+                roles = []
+                for tid in tids:
+                    address, owner = waits.get(tid, (0, 0))
+                    gone = "" if owner in track.threads else ", gone"
+                    roles.append((f"waits for {owner}{gone} (mutex {address:#x})", by_tid[tid]))
+                findings.append(Finding(signature, tuple(roles)))
+        return findings
+
+
+#: The worker verdict a finding of each class gives.
+VERDICT_OF_CLASS = {
+    HangClass.DEADLOCK: WorkerState.DEADLOCKED,
+    HangClass.STALL: WorkerState.STUCK,
+    HangClass.BOUNDED_STALL: WorkerState.STUCK,
+    HangClass.SPIN: WorkerState.SPINNING,
+}
+_SEVERITY = (WorkerState.OK, WorkerState.SPINNING, WorkerState.STUCK, WorkerState.DEADLOCKED)
+
+
+def _counts(worker: WorkerRef, finding: Finding) -> bool:
+    """A deadlock always counts; a stall or a spin only when a request thread or the main
+    thread fills one of its roles. A background thread stuck alone (an APM harvest in a dead
+    handshake) is shown as a stuck thread, but the worker still serves."""
+    return finding.signature.hang_class is HangClass.DEADLOCK or any(
+        t.request or t.tid == worker.pid for _, t in finding.threads
+    )
+
+
+def _verdict(threads: Sequence[ThreadReport], findings: Sequence[Finding]) -> WorkerState:
+    """The worker's verdict: the gravest of its findings' classes (only a deadlock-class
+    finding makes it deadlocked) and of its request threads' states."""
+    verdict = WorkerState.OK
+    for finding in findings:
+        verdict = max(verdict, VERDICT_OF_CLASS[finding.signature.hang_class],
+                      key=_SEVERITY.index)  # fmt: skip
+    for thread in threads:
+        if thread.request and thread.state is ThreadState.STUCK:
+            verdict = max(verdict, WorkerState.STUCK, key=_SEVERITY.index)
+        elif thread.request and thread.state is ThreadState.SPINNING:
+            verdict = max(verdict, WorkerState.SPINNING, key=_SEVERITY.index)
+    return verdict
 
 
 def _allowance(elapsed: float, resolution_ns: int) -> float:
@@ -602,7 +779,8 @@ class IncidentBook:
     def __init__(self, *, stuck_incident_after: float = math.inf) -> None:
         self.stuck_incident_after = stuck_incident_after
         self._open: dict[tuple[WorkerRef, str], Incident] = {}
-        self.totals: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()  # deadlock incidents, by signature
+        self.named: Counter[str] = Counter()  # incidents of every named hang, by signature
 
     @property
     def open(self) -> tuple[Incident, ...]:
@@ -612,7 +790,9 @@ class IncidentBook:
     def _opened(self, incident: Incident) -> Incident:
         self._open[(incident.worker, incident.signature_name)] = incident
         if incident.signature is not None:
-            self.totals[incident.signature.name] += 1
+            self.named[incident.signature.name] += 1
+            if incident.signature.hang_class is HangClass.DEADLOCK:
+                self.totals[incident.signature.name] += 1
         return incident
 
     def update(
@@ -627,7 +807,7 @@ class IncidentBook:
                     opened.append(self._opened(Incident(
                         id=incident_id(report.worker, finding.signature.name, now),
                         worker=report.worker,
-                        verdict=WorkerState.DEADLOCKED,
+                        verdict=VERDICT_OF_CLASS[finding.signature.hang_class],
                         signature=finding.signature,
                         first_seen=now,
                         threads=finding.threads,
@@ -635,6 +815,7 @@ class IncidentBook:
             stuck = [t for t in report.threads if t.state is ThreadState.STUCK]
             if (
                 report.state is WorkerState.STUCK
+                and not report.findings  # a named stall has its own incident
                 and max((t.stuck_for for t in stuck), default=0.0) >= self.stuck_incident_after
                 and (report.worker, NO_SIGNATURE) not in self._open
             ):

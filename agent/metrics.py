@@ -103,13 +103,15 @@ class AgentCollector(Collector):
             threads.add_metric([tstate.value], thread_states[tstate])
         yield threads
 
+        matched = Counter(f.signature.name for w in r.workers for f in w.findings)
+        classes = {sig.name: sig.hang_class.value for sig in r.catalog}
+        deadlocks = [n for n in r.signatures if classes.get(n, "deadlock") == "deadlock"]
         deadlocked = GaugeMetricFamily(
             f"{PREFIX}_deadlocked_workers",
-            "Workers matching a known deadlock signature.",
+            "Workers matching a known deadlock signature (or a proven lock cycle).",
             labels=["signature"],
         )
-        matched = Counter(f.signature.name for w in r.workers for f in w.findings)
-        for name in r.signatures:
+        for name in deadlocks:
             deadlocked.add_metric([name], matched[name])
         yield deadlocked
 
@@ -118,9 +120,34 @@ class AgentCollector(Collector):
             "Deadlock incidents detected, each counted once.",
             labels=["signature"],
         )
-        for name in r.signatures:
+        for name in deadlocks:
             detected.add_metric([name], r.incidents_total.get(name, 0))
         yield detected
+
+        hang = GaugeMetricFamily(
+            f"{PREFIX}_hang_workers",
+            "Workers with a named hang, by signature and class (deadlock, stall, "
+            "bounded_stall, spin).",
+            labels=["signature", "class"],
+        )
+        hangs = CounterMetricFamily(
+            f"{PREFIX}_hangs_detected",
+            "Incidents of every named hang, each counted once, by signature and class.",
+            labels=["signature", "class"],
+        )
+        info = GaugeMetricFamily(
+            f"{PREFIX}_signature_info",
+            "Every known hang: its class, its first reference link and its remedy; always 1.",
+            labels=["signature", "class", "reference", "remedy"],
+        )
+        for sig in r.catalog:
+            labels = [sig.name, sig.hang_class.value]
+            hang.add_metric(labels, matched[sig.name])
+            hangs.add_metric(labels, r.hangs_total.get(sig.name, 0))
+            info.add_metric([*labels, sig.references[0] if sig.references else "", sig.remedy], 1)
+        yield hang
+        yield hangs
+        yield info
 
         stuck = [t.stuck_for for w in r.workers for t in w.threads if t.state is ThreadState.STUCK]
         yield GaugeMetricFamily(

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from agent import procfs
+from agent import locks, procfs
 from agent.analysis import IncidentBook, Tracker
 from agent.errors import (
     ERROR_REASONS,
@@ -148,6 +148,15 @@ class Monitor:
             except AgentError as err:
                 self._error(err)
                 complete = False
+        for ref in self.tracker.lock_suspects():
+            # A thread stuck in a futex wait: read its worker's mutexes (owner tids) and let
+            # agent.locks prove a cycle or an orphaned lock, or nothing.
+            try:
+                waits, live, elsewhere = procfs.read_lock_waits(ref.pid, proc=self.proc)
+            except AgentError as err:
+                self._error(err)
+                continue
+            self.tracker.observe_locks(ref, locks.prove(waits, live, alive_elsewhere=elsewhere))
         now = self.clock()
         reports = self.tracker.judge(now)
         opened, resolved = self.incidents.update(reports, now)
@@ -169,6 +178,8 @@ class Monitor:
             sample_seconds=dict(self._seconds),
             sample_errors=dict(self._errors),
             incidents_total=dict(self.incidents.totals),
+            hangs_total=dict(self.incidents.named),
+            catalog=self.tracker.catalog.signatures,
             progress_resolution_ns=1 if self.scanner.precise else procfs.NS_PER_TICK,
             cycle_cpu=time.thread_time() - cpu_started,
             dumps_deferred=self.tracker.deferred,

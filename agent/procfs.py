@@ -7,10 +7,12 @@ import errno
 import logging
 import os
 import resource
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 from agent.errors import ProcessVanished, ProcReadError
+from agent.locks import MUTEX_SIZE, MutexWait, mutex_futex
 from agent.types import ProcSample, ThreadActivity, WorkerRef
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,24 @@ _FUTEX = {"x86_64": 202, "aarch64": 98}
 _EPOLL = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}
 _RESTART = {"x86_64": 219, "aarch64": 128}
 _MACHINE = os.uname().machine
+# The names signatures may ask for (a role's `syscall`), by machine.
+SYSCALL_NAMES: dict[str, dict[int, str]] = {
+    "x86_64": {
+        0: "read", 1: "write", 7: "poll", 17: "pread64", 19: "readv", 20: "writev",
+        23: "select", 35: "nanosleep", 42: "connect", 43: "accept", 44: "sendto",
+        45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 61: "wait4", 72: "fcntl", 73: "flock",
+        202: "futex", 219: "restart_syscall", 230: "clock_nanosleep", 232: "epoll_wait",
+        247: "waitid", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait", 288: "accept4",
+        441: "epoll_pwait2",
+    },
+    "aarch64": {
+        63: "read", 64: "write", 67: "pread64", 65: "readv", 66: "writev", 73: "ppoll",
+        72: "pselect6", 101: "nanosleep", 203: "connect", 202: "accept", 206: "sendto",
+        207: "recvfrom", 211: "sendmsg", 212: "recvmsg", 260: "wait4", 25: "fcntl",
+        32: "flock", 98: "futex", 128: "restart_syscall", 115: "clock_nanosleep",
+        22: "epoll_pwait", 95: "waitid", 242: "accept4", 441: "epoll_pwait2",
+    },
+}  # fmt: skip
 
 
 def timed_wait(number: int, args: list[str], machine: str = _MACHINE) -> bool:
@@ -73,6 +93,11 @@ def timed_wait(number: int, args: list[str], machine: str = _MACHINE) -> bool:
     if number == _FUTEX.get(machine):
         return len(args) > 3 and int(args[3], 16) != 0  # the timeout pointer
     return False
+
+
+def syscall_name(number: int | None, machine: str = _MACHINE) -> str | None:
+    """The name of a syscall number on this machine, when signatures may ask for it."""
+    return None if number is None else SYSCALL_NAMES.get(machine, {}).get(number)
 
 
 def parse_syscall(text: str, machine: str = _MACHINE) -> tuple[int | None, str | None, bool]:
@@ -153,6 +178,7 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
         wchan=(wchan.strip() or None) if wchan is not None and wchan.strip() != "0" else None,
         blocked_at=blocked_at,
         timed_wait=timed,
+        syscall_name=syscall_name(number),
     )
 
 
@@ -167,7 +193,10 @@ class _Task:
         self.syscall_fd: int | None = None  # syscall, opened when it first runs
         self.raw = b""  # schedstat's bytes at the last look
         self.syscall_raw: bytes | None = None  # syscall's bytes at the last look, and parsed:
-        self.syscall: tuple[int | None, str | None, bool, bool] = (None, None, False, False)
+        # (number, blocking point, timed, running, name)
+        self.syscall: tuple[int | None, str | None, bool, bool, str | None] = (
+            None, None, False, False, None,
+        )  # fmt: skip
         self.activity = activity
 
 
@@ -367,16 +396,18 @@ class Scanner:
         if syscall_raw != task.syscall_raw:
             text = syscall_raw.decode("ascii", "replace") if syscall_raw is not None else None
             task.syscall_raw = syscall_raw
-            task.syscall = (
-                *(parse_syscall(text) if text else (None, None, False)),
-                text is not None and text.startswith("running"),
-            )
-        number, blocked_at, timed, running = task.syscall
+            number, point, timed = parse_syscall(text) if text else (None, None, False)
+            name = syscall_name(number)
+            if number == _RESTART.get(_MACHINE) and point == task.syscall[1]:
+                name = task.syscall[4]  # after a ptrace stop: the wait it resumes
+            running = text is not None and text.startswith("running")
+            task.syscall = (number, point, timed, running, name)
+        number, blocked_at, timed, running, name = task.syscall
         old = task.activity
         return ThreadActivity(
             tid=tid, start_ticks=old.start_ticks, comm=old.comm, state="R" if running else "S",
             cpu_ns=cpu_ns, runs=runs, syscall=number, wchan=None, blocked_at=blocked_at,
-            timed_wait=timed,
+            timed_wait=timed, syscall_name=name,
         )  # fmt: skip
 
     def _read_syscall(self, task: _Task) -> bytes | None:
@@ -465,3 +496,122 @@ def children(pid: int, *, proc: str = DEFAULT_PROC) -> list[int] | None:
     except (OSError, ValueError):
         return None
     return sorted(found)
+
+
+# --- native mutexes (agent/locks.py judges what is read here) --------------------------------
+
+# glibc's LP64 pthread_mutex_t head: __lock, __count, __owner, __nusers, __kind (locks.py).
+_MUTEX = struct.Struct("<iIiIi")
+
+
+def read_mutex(
+    pid: int, address: int, *, proc: str = DEFAULT_PROC
+) -> tuple[int, int, int, int, int] | None:
+    """(lock word, count, owner, nusers, kind) of the glibc mutex at `address` in the process,
+    read through /proc/PID/mem; None when unreadable (gone, unmapped, or no ptrace access:
+    like py-spy and the syscall file, reading it takes the right to ptrace the process)."""
+    try:
+        fd = os.open(f"{proc}/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _pread_mutex(fd, address)
+    finally:
+        os.close(fd)
+
+
+def _pread_mutex(fd: int, address: int) -> tuple[int, int, int, int, int] | None:
+    try:
+        raw = os.pread(fd, MUTEX_SIZE, address)  # EIO where nothing is mapped
+    except (OSError, OverflowError):
+        return None
+    if len(raw) < MUTEX_SIZE:
+        return None
+    lock_word, count, owner, nusers, kind = _MUTEX.unpack(raw)
+    return lock_word, count, owner, nusers, kind
+
+
+def mutex_waits(
+    pid: int, tids: Iterable[int], *, proc: str = DEFAULT_PROC, machine: str = _MACHINE
+) -> list[MutexWait]:
+    """The threads among `tids` blocked in glibc's mutex wait, each with its mutex as read from
+    memory (one read per mutex). A thread that exited, a syscall file or a mutex that cannot be
+    read (no ptrace access) is left out."""
+    waiting: list[tuple[int, int]] = []
+    for tid in tids:
+        raw = _read_optional_bytes(f"{proc}/{pid}/task/{tid}/syscall")
+        address = mutex_futex(raw.decode("ascii", "replace"), machine) if raw else None
+        if address is not None:
+            waiting.append((tid, address))
+    if not waiting:
+        return []
+    try:
+        fd = os.open(f"{proc}/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        mutexes = {address: _pread_mutex(fd, address) for address in {a for _, a in waiting}}
+    finally:
+        os.close(fd)
+    found = []
+    for tid, address in waiting:
+        fields = mutexes[address]
+        if fields is not None:
+            lock_word, count, owner, nusers, kind = fields
+            found.append(MutexWait(tid, address, lock_word, owner, kind, count, nusers))
+    return found
+
+
+def alive_elsewhere(pid: int, tids: Iterable[int], *, proc: str = DEFAULT_PROC) -> frozenset[int]:
+    """Those of `tids` (mutex owners that are not threads of the process) that are alive in
+    another process, other than its parent: the owner of a mutex inherited across fork lives
+    on in the parent, but an owner anywhere else means the memory is no mutex of this process."""
+    try:
+        parent = int(_read(f"{proc}/{pid}/stat").rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = None
+    alive = set()
+    for tid in tids:
+        status = _read_optional(f"{proc}/{tid}/status")  # /proc/TID: any thread, unlisted
+        if status is None:
+            continue  # no such thread: gone
+        tgid = [line.split()[1:2] for line in status.splitlines() if line.startswith("Tgid:")]
+        if tgid != [[str(parent)]]:
+            alive.add(tid)
+    return frozenset(alive)
+
+
+def read_lock_waits(
+    pid: int, *, proc: str = DEFAULT_PROC, machine: str = _MACHINE
+) -> tuple[tuple[MutexWait, ...], frozenset[int], frozenset[int]]:
+    """What locks.prove() needs for one process: its mutex waits, its live tids, and the
+    owners alive elsewhere (see alive_elsewhere).
+
+    The waits are read twice, around the task listing, and only a wait that read the same both
+    times is kept: an owner that unlocked and exited between the first read and the listing
+    would otherwise look like an orphan. A real deadlock reads the same forever."""
+    first = mutex_waits(pid, _tids(pid, proc), proc=proc, machine=machine)
+    live = frozenset(_tids(pid, proc))
+    if not first:
+        return (), live, frozenset()
+    again = set(mutex_waits(pid, (w.tid for w in first), proc=proc, machine=machine))
+    waits = tuple(w for w in first if w in again)
+    owners = {w.owner for w in waits if w.owner not in live}
+    return waits, live, alive_elsewhere(pid, owners, proc=proc)
+
+
+def _tids(pid: int, proc: str) -> list[int]:
+    tasks = f"{proc}/{pid}/task"
+    try:
+        return sorted(int(name) for name in os.listdir(tasks) if name.isdigit())
+    except FileNotFoundError as err:
+        raise ProcessVanished("process exited", pid=pid) from err
+    except OSError as err:
+        raise ProcReadError(f"cannot list {tasks}: {err}", pid=pid) from err
+
+
+def _read_optional_bytes(path: str) -> bytes | None:
+    try:
+        return _read_bytes(path)
+    except OSError:
+        return None

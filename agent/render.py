@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.types import Incident, ThreadReport, ThreadStack
+from agent.types import Incident, ThreadReport, ThreadStack, WorkerState
 
 TOP_FRAMES = 6
 
@@ -30,11 +30,14 @@ def _thread(role: str, thread: ThreadReport) -> dict[str, Any]:
 
 def incident_record(incident: Incident) -> dict[str, Any]:
     """The one structured log line per incident, as a dict (JSON-ready)."""
-    kind = "deadlock" if incident.signature is not None else "stuck_worker"
+    kind = {
+        WorkerState.DEADLOCKED: "deadlock", WorkerState.SPINNING: "spinning_worker",
+    }.get(incident.verdict, "stuck_worker")  # fmt: skip
     return {
         "event": f"{kind}_resolved" if incident.resolved_at is not None else f"{kind}_detected",
         "incident": incident.id,
         "signature": incident.signature_name,
+        "class": incident.hang_class,
         "verdict": incident.verdict.value,
         "worker_pid": incident.worker.pid,
         "master_pid": incident.worker.master_pid,
@@ -42,15 +45,18 @@ def incident_record(incident: Incident) -> dict[str, Any]:
         "resolved_at": None if incident.resolved_at is None else round(incident.resolved_at, 3),
         "threads": [_thread(role, t) for role, t in incident.threads],
         "remedy": incident.remedy,
+        "references": list(incident.references),
     }
 
 
 def incident_text(incident: Incident) -> str:
     """A readable account: headline, each involved thread with its top frames, the remedy."""
-    head = (
-        f"DEADLOCK {incident.signature.name}" if incident.signature is not None
-        else "STUCK (no known signature)"
-    )
+    if incident.signature is None:
+        head = "STUCK (no known signature)"
+    elif incident.verdict is WorkerState.DEADLOCKED:
+        head = f"DEADLOCK {incident.signature.name}"
+    else:
+        head = f"{incident.verdict.value.upper()} {incident.signature.name} ({incident.hang_class})"
     lines = [
         f"{head} in gunicorn worker {incident.worker.pid} "
         f"(master {incident.worker.master_pid}), incident {incident.id}",
@@ -63,4 +69,5 @@ def incident_text(incident: Incident) -> str:
         lines.append(f"  [{role}] thread {thread.name or '?'} (tid {thread.tid}{stuck}):")
         lines.extend(f"      {frame}" for frame in top_frames(thread.stack))
     lines.append(f"  Remedy: {incident.remedy}")
+    lines.extend(f"  See: {url}" for url in incident.references)
     return "\n".join(lines)

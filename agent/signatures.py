@@ -11,7 +11,25 @@ from importlib import resources
 from typing import Any
 
 from agent.errors import SignatureError
-from agent.types import FramePattern, IdleRule, Role, Signature, ThreadStack
+from agent.types import (
+    FramePattern,
+    HangClass,
+    IdleRule,
+    Role,
+    Signature,
+    ThreadActivity,
+    ThreadStack,
+    Wait,
+)
+
+ROLE_KEYS = frozenset(
+    {"name", "any_of", "all_of", "none_of", "stuck", "spinning", "syscall", "wait", "thread",
+     "absent"}
+)  # fmt: skip
+SIGNATURE_KEYS = frozenset(
+    {"name", "summary", "remedy", "class", "references", "role", "proof"}
+)
+PROOFS = ("cycle", "orphan")
 
 
 def _pattern(raw: Any, where: str) -> FramePattern:
@@ -52,6 +70,50 @@ def _tables(raw: Any, where: str) -> list[Mapping[str, Any]]:
     return raw
 
 
+def _flag(raw: Mapping[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise SignatureError(f"{where}.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _role(role: Mapping[str, Any], where: str) -> Role:
+    unknown = set(role) - ROLE_KEYS
+    if unknown:
+        raise SignatureError(f"{where}: unknown keys {sorted(unknown)}")
+    syscall = role.get("syscall", [])
+    if isinstance(syscall, str):
+        syscall = [syscall]
+    if not isinstance(syscall, list) or not all(isinstance(n, str) and n for n in syscall):
+        raise SignatureError(f"{where}.syscall: expected syscall names, got {syscall!r}")
+    wait = role.get("wait")
+    if wait is not None and wait not in {w.value for w in Wait}:
+        raise SignatureError(f"{where}.wait: expected one of {[w.value for w in Wait]}")
+    thread = role.get("thread")
+    if thread is not None:
+        try:
+            re.compile(thread)
+        except (re.error, TypeError) as err:
+            raise SignatureError(f"{where}.thread: bad regular expression {thread!r}") from err
+    parsed = Role(
+        name=_text(role, "name", where),
+        any_of=_patterns(role.get("any_of"), f"{where}.any_of"),
+        all_of=_patterns(role.get("all_of"), f"{where}.all_of"),
+        none_of=_patterns(role.get("none_of"), f"{where}.none_of"),
+        stuck=_flag(role, "stuck", where),
+        spinning=_flag(role, "spinning", where),
+        syscall=tuple(syscall),
+        wait=Wait(wait) if wait is not None else None,
+        thread=thread,
+        absent=_flag(role, "absent", where),
+    )
+    if not parsed.any_of and not parsed.all_of:
+        raise SignatureError(f"{where}: needs any_of or all_of")
+    if parsed.absent and (parsed.stuck or parsed.spinning):
+        raise SignatureError(f"{where}: an absent role cannot be stuck or spinning")
+    return parsed
+
+
 def parse_catalog(data: Mapping[str, Any]) -> Catalog:
     """Build a Catalog from parsed TOML; raises SignatureError naming the bad entry."""
     idle = []
@@ -75,31 +137,35 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
         name = _text(raw, "name", where)
         roles = []
         where = f"{where}({name})"
+        unknown = set(raw) - SIGNATURE_KEYS
+        if unknown:
+            raise SignatureError(f"{where}: unknown keys {sorted(unknown)}")
         for j, role in enumerate(_tables(raw.get("role"), f"{where}.role")):
-            rwhere = f"{where}.role[{j}]"
-            stuck = role.get("stuck", False)
-            if not isinstance(stuck, bool):
-                raise SignatureError(f"{rwhere}.stuck: expected true or false, got {stuck!r}")
-            parsed = Role(
-                name=_text(role, "name", rwhere),
-                any_of=_patterns(role.get("any_of"), f"{rwhere}.any_of"),
-                all_of=_patterns(role.get("all_of"), f"{rwhere}.all_of"),
-                none_of=_patterns(role.get("none_of"), f"{rwhere}.none_of"),
-                stuck=stuck,
-            )
-            if not parsed.any_of and not parsed.all_of:
-                raise SignatureError(f"{rwhere}: needs any_of or all_of")
-            roles.append(parsed)
-        if not roles:
+            roles.append(_role(role, f"{where}.role[{j}]"))
+        proof = raw.get("proof")
+        if proof is not None and (proof not in PROOFS or roles):
+            raise SignatureError(f"{where}.proof: one of {list(PROOFS)}, and no roles with it")
+        if not roles and proof is None:
             raise SignatureError(f"{where}: needs at least one role")
-        if not any(role.stuck for role in roles):
-            raise SignatureError(f"{where}: at least one role must be stuck = true")
+        if roles and not any(role.stuck or role.spinning for role in roles):
+            raise SignatureError(f"{where}: at least one role must be stuck or spinning = true")
+        kind = raw.get("class", HangClass.DEADLOCK.value)
+        if kind not in {c.value for c in HangClass}:
+            raise SignatureError(f"{where}.class: expected one of {[c.value for c in HangClass]}")
+        references = raw.get("references", [])
+        if not isinstance(references, list) or not all(
+            isinstance(r, str) and r.startswith("https://") for r in references
+        ):
+            raise SignatureError(f"{where}.references: expected a list of https:// links")
         signatures.append(
             Signature(
                 name=name,
                 summary=_text(raw, "summary", where),
                 remedy=_text(raw, "remedy", where),
                 roles=tuple(roles),
+                hang_class=HangClass(kind),
+                references=tuple(references),
+                proof=proof,
             )
         )
     names = [s.name for s in signatures]
@@ -120,6 +186,16 @@ def load_catalog(text: str | None = None) -> Catalog:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A thread that may fill a role: its stack, what /proc says of it, and its verdict."""
+
+    stack: ThreadStack
+    activity: ThreadActivity | None = None
+    stuck: bool = False
+    spinning: bool = False
+
+
+@dataclass(frozen=True)
 class Catalog:
     """The signature and idle-rule tables, with their regular expressions compiled once."""
 
@@ -134,12 +210,18 @@ class Catalog:
         for sig in self.signatures:
             for role in sig.roles:
                 patterns.extend((*role.any_of, *role.all_of, *role.none_of))
+                if role.thread is not None:
+                    patterns.append(FramePattern(function=role.thread))
         return {
             regex: re.compile(regex)
             for p in patterns
             for regex in (p.function, p.file, p.module)
             if regex is not None
         }
+
+    def proven(self, proof: str) -> Signature | None:
+        """The signature a lock proof of this kind ("cycle", "orphan") is reported under."""
+        return next((s for s in self.signatures if s.proof == proof), None)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -149,15 +231,15 @@ class Catalog:
     def frame_matches(self, pattern: FramePattern, stack: ThreadStack, index: int) -> bool:
         """Whether frame `index` of the stack matches every key of the pattern."""
         frame = stack.frames[index]
-        compiled = self._compiled
-        if pattern.function is not None and not compiled[pattern.function].search(frame.function):
+        regex = self._regex
+        if pattern.function is not None and not regex(pattern.function).search(frame.function):
             return False
         if pattern.file is not None and (
-            frame.native or not compiled[pattern.file].search(frame.file)
+            frame.native or not regex(pattern.file).search(frame.file)
         ):
             return False
         return pattern.module is None or (
-            frame.module is not None and bool(compiled[pattern.module].search(frame.module))
+            frame.module is not None and bool(regex(pattern.module).search(frame.module))
         )
 
     def _any_frame(self, patterns: Iterable[FramePattern], stack: ThreadStack) -> bool:
@@ -185,30 +267,69 @@ class Catalog:
             return rule
         return None
 
-    def role_matches(self, role: Role, stack: ThreadStack) -> bool:
-        """Whether the stack's frames fit the role (stuck-ness is the caller's business)."""
+    def role_matches(
+        self, role: Role, stack: ThreadStack, activity: ThreadActivity | None = None
+    ) -> bool:
+        """Whether the thread fits the role: its frames, and where given its syscall, how it
+        waits and its name (stuck-ness is the caller's business). A role that asks about the
+        syscall never fits a thread whose syscall is unknown."""
+        if role.syscall and (activity is None or activity.syscall_name not in role.syscall):
+            return False
+        if role.wait is not None and (
+            activity is None
+            or activity.syscall_name is None
+            or (role.wait is Wait.TIMED) != activity.timed_wait
+        ):
+            return False
+        if role.thread is not None:
+            names = [n for n in (stack.name, activity.comm if activity else None) if n]
+            if not any(self._regex(role.thread).search(n) for n in names):
+                return False
         if role.any_of and not self._any_frame(role.any_of, stack):
             return False
         if not all(self._any_frame((p,), stack) for p in role.all_of):
             return False
         return not self._any_frame(role.none_of, stack)
 
+    def _regex(self, text: str) -> re.Pattern[str]:
+        """The compiled expression (a pattern from outside the catalog is compiled here)."""
+        found = self._compiled.get(text)
+        return found if found is not None else re.compile(text)
+
     def assign_roles(
-        self, signature: Signature, candidates: Sequence[tuple[ThreadStack, bool]]
+        self,
+        signature: Signature,
+        candidates: Sequence[Candidate],
+        others: Sequence[Candidate] = (),
     ) -> tuple[int, ...] | None:
-        """Give each role a distinct thread (index into candidates, whose bool is "stuck")."""
+        """Give each role a distinct thread (an index into candidates); None when the roles
+        cannot all be filled, or when a thread matches an absent role (candidates and
+        `others`, every other thread of the worker with a known stack, but those assigned)."""
+        if signature.proof is not None:
+            return None  # proven from memory (agent.locks), never from frames
+        present = [r for r in signature.roles if not r.absent]
         fits = [
             [
                 i
-                for i, (stack, stuck) in enumerate(candidates)
-                if (stuck or not role.stuck) and self.role_matches(role, stack)
+                for i, c in enumerate(candidates)
+                if (c.stuck or not role.stuck)
+                and (c.spinning or not role.spinning)
+                and self.role_matches(role, c.stack, c.activity)
             ]
-            for role in signature.roles
+            for role in present
         ]
+        absent = [r for r in signature.roles if r.absent]
+
+        def clear(taken: tuple[int, ...]) -> bool:
+            chosen = {id(candidates[i]) for i in taken}
+            rest = [c for c in (*candidates, *others) if id(c) not in chosen]
+            return not any(
+                self.role_matches(role, c.stack, c.activity) for role in absent for c in rest
+            )
 
         def search(role_index: int, taken: tuple[int, ...]) -> tuple[int, ...] | None:
             if role_index == len(fits):
-                return taken
+                return taken if clear(taken) else None
             for i in fits[role_index]:
                 if i not in taken:
                     found = search(role_index + 1, (*taken, i))

@@ -69,7 +69,7 @@ def slack_payload(
             {"type": "section", "text": {"type": "mrkdwn", "text": _clip(text, SECTION_MAX)}}
         ]
     else:
-        verdict = "deadlocked" if incident.signature is not None else "stuck"
+        verdict = incident.verdict.value
         text = f":rotating_light: Gunicorn worker {verdict}: {name} on {where}"
         blocks = [
             {
@@ -92,6 +92,12 @@ def slack_payload(
                 "text": {"type": "mrkdwn", "text": _clip(f"*Remedy:* {incident.remedy}",
                                                          SECTION_MAX)},
             },
+            *(
+                [{"type": "section", "text": {"type": "mrkdwn", "text": _clip(
+                    "*References:* " + " · ".join(f"<{url}>" for url in incident.references),
+                    SECTION_MAX)}}]
+                if incident.references else []
+            ),
         ]  # fmt: skip
     context = f"incident `{incident.id}`" + (f" · <{link}|details>" if link else "")
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})

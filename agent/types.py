@@ -32,6 +32,9 @@ class ThreadActivity:
     # number, which becomes restart_syscall after a ptrace stop). None when unknown.
     blocked_at: str | None = None
     timed_wait: bool = False  # that syscall waits with a timeout (poll slices, timed futex)
+    # The syscall's name ("poll", "recvfrom", "futex"...; the one restarted, not
+    # "restart_syscall", after a ptrace stop), when procfs knows it.
+    syscall_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,13 @@ class IdleRule:
     unless_under: FramePattern | None = None  # ...and none below may match this
 
 
+class Wait(enum.StrEnum):
+    """How a blocked thread waits, read from its syscall's arguments."""
+
+    FOREVER = "forever"  # no timeout: poll(-1), recv on a blocking socket, an untimed futex
+    TIMED = "timed"  # with a deadline: poll(..., ms), a timed futex wait
+
+
 @dataclass(frozen=True)
 class Role:
     """One thread a signature needs, e.g. the libpq thread or the HTTPS thread."""
@@ -117,6 +127,22 @@ class Role:
     all_of: tuple[FramePattern, ...] = ()  # each of these matches some frame
     none_of: tuple[FramePattern, ...] = ()  # no frame matches any of these
     stuck: bool = False  # must the thread be stuck, or merely inside these frames?
+    spinning: bool = False  # must the thread be spinning (on CPU, its stack not moving)?
+    syscall: tuple[str, ...] = ()  # it blocks in one of these syscalls (by name)
+    wait: Wait | None = None  # ...and waits forever, or with a timeout
+    thread: str | None = None  # its thread name (py-spy's, else /proc comm) matches this
+    # No thread of the worker but those filling other roles may match this role: it says
+    # what must be missing ("nobody holds the lock"), and fills nothing.
+    absent: bool = False
+
+
+class HangClass(enum.StrEnum):
+    """What kind of hang a signature names; it drives the worker's verdict."""
+
+    DEADLOCK = "deadlock"  # a wait-for cycle or an orphaned lock: never ends by itself
+    STALL = "stall"  # waits on another party with no effective timeout
+    BOUNDED_STALL = "bounded_stall"  # the same, but a (late) timeout will end it
+    SPIN = "spin"  # burns CPU without progress
 
 
 @dataclass(frozen=True)
@@ -127,18 +153,25 @@ class Signature:
     summary: str
     remedy: str
     roles: tuple[Role, ...]
+    hang_class: HangClass = HangClass.DEADLOCK
+    references: tuple[str, ...] = ()  # links: the issues and docs that describe it
+    # Matched by a proof read from memory instead of by frames: "cycle" (threads waiting on
+    # each other's mutexes) or "orphan" (a mutex whose owner thread is gone). No roles then.
+    proof: str | None = None
 
 
 class ThreadState(enum.StrEnum):
     RUNNING = "running"
     IDLE = "idle"
     STUCK = "stuck"
+    SPINNING = "spinning"  # on CPU all along, its stack not moving
 
 
 class WorkerState(enum.StrEnum):
     OK = "ok"
-    STUCK = "stuck"
-    DEADLOCKED = "deadlocked"
+    STUCK = "stuck"  # a request thread stuck (with a named cause when a stall matched)
+    SPINNING = "spinning"  # a request thread spinning, or a spin signature matched
+    DEADLOCKED = "deadlocked"  # a deadlock-class signature matched, or a proven lock cycle
 
 
 class DumpKind(enum.StrEnum):
@@ -217,6 +250,16 @@ class Incident:
         """What to do about it."""
         return self.signature.remedy if self.signature is not None else STUCK_REMEDY
 
+    @property
+    def hang_class(self) -> str:
+        """The signature's class (deadlock, stall, bounded_stall, spin), or "unknown"."""
+        return self.signature.hang_class.value if self.signature is not None else "unknown"
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Links that describe the hang (issues, docs)."""
+        return self.signature.references if self.signature is not None else ()
+
 
 @dataclass(frozen=True)
 class CycleReport:
@@ -233,7 +276,9 @@ class CycleReport:
     samples: Mapping[str, int] = field(default_factory=dict)
     sample_seconds: Mapping[str, float] = field(default_factory=dict)
     sample_errors: Mapping[str, int] = field(default_factory=dict)
-    incidents_total: Mapping[str, int] = field(default_factory=dict)
+    incidents_total: Mapping[str, int] = field(default_factory=dict)  # deadlocks, by signature
+    hangs_total: Mapping[str, int] = field(default_factory=dict)  # every named hang
+    catalog: tuple[Signature, ...] = ()  # the signatures, for their class, remedy and links
     # How finely progress is measured: 1 ns with schedstat, a clock tick without it.
     progress_resolution_ns: int = 1
     cycle_cpu: float = 0.0  # CPU seconds the sampling thread spent on this cycle

@@ -8,7 +8,7 @@ import pytest
 from builders import activity, fixture, proc, py, snapshot, stack
 
 from agent.analysis import AnalysisSettings, Tracker, request_capacity
-from agent.signatures import load_catalog
+from agent.signatures import Candidate, load_catalog
 from agent.types import Frame, StackSnapshot, ThreadStack, WorkerRef, WorkerState
 
 SETTINGS = AnalysisSettings(stuck_after=10, suspect_after=2, dump_interval=30, native_gap=5)
@@ -111,7 +111,7 @@ def test_an_idle_uvicorn_worker_is_ok_forever_and_at_full_capacity(name: str) ->
 )
 def test_no_signature_matches_an_event_loop_shape(name: str) -> None:
     snap = fixture(name)
-    candidates = [(s, CATALOG.idle_rule(s) is None) for s in snap.threads]
+    candidates = [Candidate(s, stuck=CATALOG.idle_rule(s) is None) for s in snap.threads]
     assert [
         sig.name for sig in CATALOG.signatures if CATALOG.assign_roles(sig, candidates)
     ] == []

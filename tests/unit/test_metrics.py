@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from agent.errors import ERROR_REASONS
 from agent.metrics import AgentCollector
 from agent.monitor import SAMPLE_ERROR_REASONS
+from agent.signatures import load_catalog
 from agent.slack import RESULTS
 from agent.types import (
     CycleReport,
@@ -72,6 +73,7 @@ def report(
         workers=tuple(workers), complete=complete, signatures=tuple(signatures),
         samples=samples or {}, sample_seconds=sample_seconds or {},
         sample_errors=sample_errors or {}, incidents_total=incidents_total or {},
+        catalog=load_catalog().signatures,
     )  # fmt: skip
 
 
@@ -143,7 +145,7 @@ DOCUMENTED = documented_metrics()
 
 def test_readme_table_was_found() -> None:
     names = [d.name for d in DOCUMENTED]
-    assert len(names) == 20
+    assert len(names) == 23
     assert "deadlock_agent_up" in names
     assert "deadlock_agent_deadlocks_detected_total" in names
 

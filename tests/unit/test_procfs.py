@@ -190,7 +190,7 @@ def test_scan_worker_fake_proc(tmp_path: Path) -> None:
     assert main == ThreadActivity(
         tid=100, start_ticks=5000, comm="gunicorn: worker", state="S", cpu_ns=73001234,
         runs=17, syscall=202, wchan="futex_wait_queue",
-        blocked_at="0x7f0 0x80 0x0 0x7ffd 0x7f1",
+        blocked_at="0x7f0 0x80 0x0 0x7ffd 0x7f1", syscall_name="futex",
     )  # fmt: skip
     assert (running.syscall, running.wchan, running.blocked_at) == (None, None, None)
     assert (blocked.comm, blocked.state, blocked.start_ticks) == ("ThreadPool)x", "D", 5100)

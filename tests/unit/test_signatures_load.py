@@ -7,7 +7,7 @@ import pytest
 
 from agent.errors import SignatureError
 from agent.signatures import load_catalog
-from agent.types import FramePattern
+from agent.types import FramePattern, HangClass
 
 # --- builders: TOML text, values written as TOML literals; None leaves the key out -----------
 
@@ -48,8 +48,13 @@ def test_packaged_catalog_loads() -> None:
     assert catalog.idle, "idle rules are what keep pool threads from being called stuck"
     for signature in catalog.signatures:
         assert signature.summary
-        assert "restart" in signature.remedy.lower()
-        assert any(role.stuck for role in signature.roles), signature.name
+        assert signature.references, f"{signature.name}: a reference link for the incident"
+        if signature.hang_class is HangClass.DEADLOCK:
+            assert "restart" in signature.remedy.lower(), signature.name  # only a kill ends it
+        assert signature.proof is not None or any(
+            role.stuck or role.spinning for role in signature.roles
+        ), signature.name
+    assert catalog.proven("cycle") is not None and catalog.proven("orphan") is not None
 
 
 def test_packaged_libpq_https_roles() -> None:

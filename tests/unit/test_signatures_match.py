@@ -6,18 +6,16 @@ from __future__ import annotations
 import pytest
 from builders import GTHREAD_IDLE_POOL, GTHREAD_MAIN, GTHREAD_REQUEST, fixture, native, py, stack
 
-from agent.signatures import Catalog, load_catalog
+from agent.signatures import Candidate, Catalog, load_catalog
 from agent.types import ThreadStack
 
 CATALOG = load_catalog()
 BY_NAME = {s.name: s for s in CATALOG.signatures}
 
 
-def busy(
-    stacks: tuple[ThreadStack, ...], catalog: Catalog = CATALOG
-) -> list[tuple[ThreadStack, bool]]:
+def busy(stacks: tuple[ThreadStack, ...], catalog: Catalog = CATALOG) -> list[Candidate]:
     """Candidates as the tracker would give them if every non-idle thread were stuck."""
-    return [(s, catalog.idle_rule(s) is None) for s in stacks]
+    return [Candidate(s, stuck=catalog.idle_rule(s) is None) for s in stacks]
 
 
 def matched(stacks: tuple[ThreadStack, ...]) -> set[str]:
@@ -52,7 +50,7 @@ def test_libpq_ssl_with_https_roles_name_the_right_threads() -> None:
     candidates = busy(snap.threads)
     assigned = CATALOG.assign_roles(sig, candidates)
     assert assigned is not None
-    roles = {role.name: candidates[i][0] for role, i in zip(sig.roles, assigned, strict=True)}
+    roles = {role.name: candidates[i].stack for role, i in zip(sig.roles, assigned, strict=True)}
     assert roles["libpq"].name is not None and roles["libpq"].name.startswith("ThreadPoolExecutor")
     assert any(f.function == "PQconnectdb" for f in roles["libpq"].frames)
     assert roles["https"].name == "NR-Harvest-Thread"
@@ -62,10 +60,10 @@ def test_libpq_ssl_with_https_roles_name_the_right_threads() -> None:
 def test_the_https_thread_need_not_be_stuck_but_the_libpq_thread_must() -> None:
     snap = fixture("libpq_ssl_with_https.native")
     sig = BY_NAME["libpq_ssl_with_https"]
-    only_https_stuck = [(s, s.name == "NR-Harvest-Thread") for s in snap.threads]
+    only_https_stuck = [Candidate(s, stuck=s.name == "NR-Harvest-Thread") for s in snap.threads]
     assert CATALOG.assign_roles(sig, only_https_stuck) is None
     only_libpq_stuck = [
-        (s, (s.name or "").startswith("ThreadPoolExecutor")) for s in snap.threads
+        Candidate(s, stuck=(s.name or "").startswith("ThreadPoolExecutor")) for s in snap.threads
     ]
     assert CATALOG.assign_roles(sig, only_libpq_stuck) is not None
 
