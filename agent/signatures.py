@@ -175,14 +175,33 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
 
 
 def load_catalog(text: str | None = None) -> Catalog:
-    """Load the packaged signatures.toml (or the given TOML text)."""
-    if text is None:
-        text = resources.files("agent").joinpath("signatures.toml").read_text(encoding="utf-8")
+    """Load the packaged catalog (or the given TOML text): signatures.toml (idle rules and the
+    core signatures), then every signatures.d/*.toml in name order (one file per family of
+    hangs), their tables concatenated."""
+    if text is not None:
+        return parse_catalog(_parse(text, "signatures TOML"))
+    package = resources.files("agent")
+    files = [package.joinpath("signatures.toml")]
+    extra = package.joinpath("signatures.d")
+    if extra.is_dir():
+        files.extend(sorted((f for f in extra.iterdir() if f.name.endswith(".toml")),
+                            key=lambda f: f.name))  # fmt: skip
+    merged: dict[str, list[Any]] = {"idle": [], "signature": []}
+    for file in files:
+        data = _parse(file.read_text(encoding="utf-8"), file.name)
+        unknown = set(data) - set(merged)
+        if unknown:
+            raise SignatureError(f"{file.name}: unknown tables {sorted(unknown)}")
+        for key, tables in merged.items():
+            tables.extend(_tables(data.get(key), key))
+    return parse_catalog(merged)
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise SignatureError(f"signatures TOML: {err}") from err
-    return parse_catalog(data)
+        raise SignatureError(f"{where}: {err}") from err
 
 
 @dataclass(frozen=True)
