@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.errors import ERROR_REASONS
 from agent.metrics import SAMPLE_METHODS, AgentCollector
+from agent.signatures import load_catalog
 from agent.types import (
     CycleReport,
     Finding,
@@ -154,6 +155,8 @@ def rich_report() -> CycleReport:
         sample_seconds=dict.fromkeys(SAMPLE_METHODS, 0.5),
         sample_errors=dict.fromkeys((*ERROR_REASONS, "internal"), 1),
         incidents_total=dict.fromkeys(signatures, 1),
+        hangs_total=dict.fromkeys(signatures, 1),
+        catalog=load_catalog().signatures,
     )  # fmt: skip
 
 
@@ -311,6 +314,11 @@ REQUIRED = {
     "incidents over time": Required(
         r"\bincrease\(deadlock_agent_deadlocks_detected_total\{", "short", ("signature",)),
     "agent up": Required(r"\bdeadlock_agent_up\{", "none"),
+    "named hangs by signature and class": Required(
+        r"\bdeadlock_agent_hang_workers\{", "short", ("signature", "class")),
+    "each hang's remedy and reference": Required(
+        r"\bdeadlock_agent_signature_info\{", "none",
+        ("signature", "class", "reference", "remedy")),
     "sample errors by reason": Required(
         r"\brate\(deadlock_agent_sample_errors_total\{", "ops", ("reason",)),
     "sample latency by method": Required(
