@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from agent.monitor import SAMPLE_ERROR_REASONS
+from agent.types import ThreadState, WorkerState
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ EXPORTED = {
 SYNTHETIC = {"up"}
 # Label values the agent exports, for the labels rules filter on.
 LABEL_VALUES = {
-    "state": {"ok", "stuck", "deadlocked", "running", "idle"},
+    "state": {*(s.value for s in WorkerState), *(s.value for s in ThreadState)},
     "method": {"proc", "pyspy", "pyspy_native"},
     "channel": {"slack", "log"},
     "result": {"sent", "retried", "failed", "dropped"},
