@@ -773,8 +773,9 @@ def incident_id(worker: WorkerRef, signature: str, at: float) -> str:
 class IncidentBook:
     """Opens one incident per (worker, signature) and resolves it when the worker recovers.
 
-    A worker stuck for `stuck_incident_after` seconds with no signature gets an incident too
-    (signature NO_SIGNATURE). Only signature incidents count as deadlocks in `totals`."""
+    A deadlock opens one at once. A named stall or spin opens one once it has lasted
+    `stuck_incident_after` seconds, and so does a worker stuck with no signature (signature
+    NO_SIGNATURE). Only deadlock-class incidents count in `totals`; every named one in `named`."""
 
     def __init__(self, *, stuck_incident_after: float = math.inf) -> None:
         self.stuck_incident_after = stuck_incident_after
@@ -803,6 +804,13 @@ class IncidentBook:
         opened = []
         for report in by_worker.values():
             for finding in report.findings:
+                # A deadlock never ends by itself: an incident at once. A stall or a spin may
+                # (a long query, a long computation): an incident only once it has lasted
+                # stuck_incident_after, as for a worker stuck with no name.
+                if finding.signature.hang_class is not HangClass.DEADLOCK and max(
+                    (t.stuck_for for _, t in finding.threads), default=0.0
+                ) < self.stuck_incident_after:
+                    continue
                 if (report.worker, finding.signature.name) not in self._open:
                     opened.append(self._opened(Incident(
                         id=incident_id(report.worker, finding.signature.name, now),

@@ -143,7 +143,8 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
             boolean=True),
     Setting("log_level", "--log-level", log_level, "INFO", "debug, info, warning or error"),
     Setting("stuck_incident_after", "--stuck-incident-after", positive_float, 60.0,
-            "a worker stuck this long with no known signature becomes an incident too"),
+            "a named stall or spin, or a worker stuck with no known signature, becomes an "
+            "incident after this long (a deadlock at once)"),
     Setting("incidents_dir", "--incidents.dir", non_empty, DEFAULT_DIR,
             "where incident evidence (JSON + text) is kept"),
     Setting("incidents_max_count", "--incidents.max-count", positive_int, DEFAULT_MAX_COUNT,

@@ -27,7 +27,7 @@ APPS = Path(__file__).resolve().parent / "apps"
 REMEDY = {s.name: s.remedy for s in load_catalog().signatures}
 # Shared CPU (2 cores): generous waits, the agent at its quickest.
 VERDICT_WAIT = 40.0
-AGENT_ARGS = ("--stuck-after", "3", "--interval", "1")
+AGENT_ARGS = ("--stuck-after", "3", "--stuck-incident-after", "3", "--interval", "1")
 
 
 @contextlib.contextmanager
