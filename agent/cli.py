@@ -1,4 +1,4 @@
-"""The entry point: `deadlock-agent watch` and `deadlock-agent demo`; the only reader of environ."""
+"""The entry point: `deadlock-agent watch`, `demo` and `diagnose`; the only reader of environ."""
 
 from __future__ import annotations
 
@@ -20,9 +20,22 @@ from agent.config import (
     DemoConfig,
     add_arguments,
     agent_config,
+    positive_float,
+    positive_int,
     resolve,
 )
-from agent.errors import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, AgentError, ConfigError
+from agent.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    AgentError,
+    ConfigError,
+    NotGunicorn,
+    ProcessVanished,
+    PtraceDenied,
+    PySpyMissing,
+)
 
 log = logging.getLogger("agent")
 
@@ -50,7 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(demo, WATCH_SETTINGS)
     add_arguments(demo, DEMO_SETTINGS)
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="look at a gunicorn's workers once, now: threads, verdicts, remedies, lock graph, "
+        "versions; exit 0 ok, 4 stuck, 5 deadlocked, 6 spinning",
+    )
+    diagnose.add_argument(
+        "pid", nargs="?", type=_pid, default=None,
+        help="a gunicorn master or worker pid (default: find masters by command line)",
+    )  # fmt: skip
+    diagnose.add_argument("--json", action="store_true", help="print one JSON document")
+    diagnose.add_argument(
+        "--seconds", type=_seconds, default=None, metavar="S",
+        help="watch this long; a thread with no progress in all of it is stuck "
+        f"[default {DEFAULT_DIAGNOSE_SECONDS:g}]",
+    )  # fmt: skip
+    diagnose.add_argument(
+        "--py-spy", dest="py_spy", default=None, metavar="VALUE",
+        help="the py-spy executable [env DEADLOCK_AGENT_PY_SPY; default py-spy]",
+    )  # fmt: skip
+    diagnose.add_argument(
+        "--native", action=argparse.BooleanOptionalAction, default=True,
+        help="dump native frames too (pauses each worker ~50 ms, twice) [default on]",
+    )  # fmt: skip
     return parser
+
+
+DEFAULT_DIAGNOSE_SECONDS = 3.0
+
+
+def _pid(text: str) -> int:
+    try:
+        return positive_int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"PID {err}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = positive_float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--seconds {err}") from None
+    if value > 60:
+        raise argparse.ArgumentTypeError("--seconds must be at most 60 (a one-shot look)")
+    return value
 
 
 def setup_logging(level: str) -> None:
@@ -107,6 +163,38 @@ def watch(values: Mapping[str, object], environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def diagnose(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """One look at a gunicorn's workers; the exit code is the gravest verdict."""
+    import json
+
+    from agent.diagnose import diagnose as run_diagnose
+    from agent.diagnose import exit_code, to_record, to_text
+    from agent.pyspy import PySpy
+
+    logging.basicConfig(level="WARNING", format="deadlock-agent: %(message)s", stream=sys.stderr)
+    pyspy = PySpy(args.py_spy or environ.get("DEADLOCK_AGENT_PY_SPY") or "py-spy")
+    try:
+        pyspy.check()
+        found = run_diagnose(
+            args.pid, stacks=pyspy, seconds=args.seconds or DEFAULT_DIAGNOSE_SECONDS,
+            native=args.native,
+        )  # fmt: skip
+    except (NotGunicorn, ProcessVanished) as err:
+        print(f"deadlock-agent: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PtraceDenied, PySpyMissing) as err:
+        print(f"deadlock-agent: error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AgentError as err:
+        print(f"deadlock-agent: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(to_record(found), indent=1))
+    else:
+        print(to_text(found))
+    return exit_code(found)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Parse, validate, dispatch; translate the agent's errors into one line and an exit code."""
     environ = os.environ if environ is None else environ
@@ -115,6 +203,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "diagnose":
+        return diagnose(args, environ)
     try:
         values = resolve(WATCH_SETTINGS, args, environ)
         if args.command == "watch":

@@ -7,6 +7,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # a bad flag or environment variable
 EXIT_UNAVAILABLE = 3  # something the agent needs is missing (py-spy)
+# `deadlock-agent diagnose`: the gravest worker verdict (0, EXIT_OK, when every worker is ok).
+EXIT_STUCK = 4  # a request thread made no progress for the whole window (maybe a named stall)
+EXIT_DEADLOCKED = 5  # a deadlock-class signature matched, or a proven native lock cycle/orphan
+EXIT_SPINNING = 6  # a request thread burned CPU with its stack not moving
 
 
 class AgentError(Exception):
@@ -88,6 +92,12 @@ class ProcReadError(AgentError):
     """A /proc file could not be read or parsed."""
 
     reason = "proc"
+
+
+class NotGunicorn(AgentError):
+    """The pid given to `diagnose` is no gunicorn master or worker (or none was found)."""
+
+    reason = "not_gunicorn"
 
 
 class SignatureError(AgentError):

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.render import incident_record, incident_text, top_frames
 from agent.types import Incident, StackSnapshot
+from agent.versions import Versions, tls_note
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,20 @@ class IncidentStore:
     def _paths(self, incident_id: str) -> tuple[Path, Path]:
         return self.directory / f"{incident_id}.json", self.directory / f"{incident_id}.txt"
 
-    def save(self, incident: Incident, snapshot: StackSnapshot | None) -> None:
-        """Write (or rewrite, on resolution) the incident's files, then enforce the caps."""
+    def save(
+        self,
+        incident: Incident,
+        snapshot: StackSnapshot | None,
+        versions: Versions | None = None,
+    ) -> None:
+        """Write (or rewrite, on resolution) the incident's files, then enforce the caps.
+
+        `versions`: what the worker maps (agent.versions), kept as `versions` and
+        `version_note` when the incident opens."""
         record = incident_record(incident)
         record["first_seen_iso"] = _iso(incident.first_seen)
+        record["versions"] = versions.as_dict() if versions is not None else None
+        record["version_note"] = tls_note(versions) if versions is not None else None
         json_path, text_path = self._paths(incident.id)
         with self._lock:
             # A resolution rewrite keeps the dump captured when the incident opened. Read, not
@@ -103,12 +114,16 @@ class IncidentStore:
             old = self._load(json_path) if snapshot is None else None
             if old is not None:
                 record["dump"] = old.get("dump")
+                if versions is None:
+                    record["versions"] = old.get("versions")
+                    record["version_note"] = old.get("version_note")
                 text_tail = _text_dump_part(text_path)
             else:
                 record["dump"] = dump_record(snapshot)
                 text_tail = dump_text(snapshot)
+            head = incident_text(incident) + "\n" + _versions_text(record) + "\n"
             _atomic_write(json_path, json.dumps(record, indent=1, sort_keys=True))
-            _atomic_write(text_path, incident_text(incident) + "\n\n" + text_tail)
+            _atomic_write(text_path, head + text_tail)
             self._prune()
 
     def _prune(self) -> None:
@@ -172,6 +187,17 @@ class IncidentStore:
         files = [p for p in self.directory.iterdir() if p.suffix in (".json", ".txt")]
         # Unlocked: the loop may prune a file between iterdir() and stat(); it then counts 0.
         return sum(1 for p in files if p.suffix == ".json"), sum(_size(p) for p in files)
+
+
+def _versions_text(record: dict[str, Any]) -> str:
+    """The versions lines of the text file (empty when none were read)."""
+    found = record.get("versions")
+    if not found:
+        return ""
+    lines = ["  Versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
+    if record.get("version_note"):
+        lines.append(f"  Note: {record['version_note']}")
+    return "\n".join(lines) + "\n"
 
 
 def _size(path: Path) -> int:

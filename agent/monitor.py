@@ -35,6 +35,7 @@ from agent.types import (
     StackSnapshot,
     WorkerRef,
 )
+from agent.versions import Versions
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ class Monitor:
         reports = self.tracker.judge(now)
         opened, resolved = self.incidents.update(reports, now)
         for incident in opened:
-            self._keep_evidence(incident, self._capture(incident.worker))
+            snapshot = self._capture(incident.worker)
+            self._keep_evidence(incident, snapshot, self._versions(incident.worker))
             self._notify(incident)
         for incident in resolved:
             self._keep_evidence(incident, None)
@@ -227,11 +229,20 @@ class Monitor:
             self._error(err)
             return None
 
-    def _keep_evidence(self, incident: Incident, snapshot: StackSnapshot | None) -> None:
+    def _versions(self, worker: WorkerRef) -> Versions | None:
+        """What the worker maps, for the incident's evidence (only when there is a store)."""
+        return procfs.read_versions(worker.pid, proc=self.proc) if self.store is not None else None
+
+    def _keep_evidence(
+        self,
+        incident: Incident,
+        snapshot: StackSnapshot | None,
+        found: Versions | None = None,
+    ) -> None:
         if self.store is None:
             return
         try:
-            self.store.save(incident, snapshot)
+            self.store.save(incident, snapshot, found)
         except OSError as err:
             self._errors["incident_store"] += 1
             log.error("cannot write incident %s to %s: %s", incident.id, self.store.directory,

@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.errors import ProcessVanished, ProcReadError
 from agent.locks import MUTEX_SIZE, MutexWait, mutex_futex
 from agent.types import ProcSample, ThreadActivity, WorkerRef
+from agent.versions import Versions, driver_dirs, mapped_files, parse_versions
 
 log = logging.getLogger(__name__)
 
@@ -615,3 +616,50 @@ def _read_optional_bytes(path: str) -> bytes | None:
         return _read_bytes(path)
     except OSError:
         return None
+
+
+def read_maps(pid: int, *, proc: str = DEFAULT_PROC) -> str:
+    """The text of /proc/PID/maps: what files the process maps (needs ptrace-read access)."""
+    try:
+        return _read(f"{proc}/{pid}/maps")
+    except FileNotFoundError as err:
+        raise ProcessVanished("process exited", pid=pid) from err
+    except OSError as err:
+        raise ProcReadError(f"cannot read {proc}/{pid}/maps: {err}", pid=pid) from err
+
+
+def list_dir_of(pid: int, directory: str, *, proc: str = DEFAULT_PROC) -> list[str] | None:
+    """The names in `directory` as the process sees its filesystem (through /proc/PID/root, so
+    a container's own site-packages); None when it cannot be listed."""
+    try:
+        return os.listdir(f"{proc}/{pid}/root{directory}")
+    except OSError:
+        return None
+
+
+def read_cmdline(pid: int, *, proc: str = DEFAULT_PROC) -> tuple[tuple[str, ...], int]:
+    """(command line, parent pid) of a process; ProcessVanished when there is no such process."""
+    try:
+        raw = _read_bytes(f"{proc}/{pid}/cmdline")
+        stat = _read(f"{proc}/{pid}/stat")
+    except FileNotFoundError as err:
+        raise ProcessVanished("no such process", pid=pid) from err
+    except OSError as err:
+        raise ProcReadError(f"cannot read {proc}/{pid}: {err}", pid=pid) from err
+    args = tuple(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+    return args, int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def read_versions(pid: int, *, proc: str = DEFAULT_PROC) -> Versions | None:
+    """What the process maps (libpq, OpenSSL, psycopg, CPython) as versions, with the driver
+    versions from their site-packages listings; None when its maps cannot be read."""
+    try:
+        files = mapped_files(read_maps(pid, proc=proc))
+    except (ProcessVanished, ProcReadError):
+        return None
+    listings = {}
+    for directory in driver_dirs(files).values():
+        names = list_dir_of(pid, directory, proc=proc)
+        if names is not None:
+            listings[directory] = names
+    return parse_versions(files, listings)
