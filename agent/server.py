@@ -22,7 +22,7 @@ from agent.types import CycleReport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9808
+DEFAULT_PORT = 19808
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 IDLE_POLL = 3600.0  # seconds serve_forever may sleep in select() with no request
 

@@ -307,7 +307,7 @@ def _write_yaml(path: Path, document: Mapping[str, Any]) -> Path:
 
 
 def _host_port(target: str) -> str:
-    """'http://127.0.0.1:9808/' or '127.0.0.1:9808' -> '127.0.0.1:9808'."""
+    """'http://127.0.0.1:19808/' or '127.0.0.1:19808' -> '127.0.0.1:19808'."""
     parsed = urllib.parse.urlsplit(target if "//" in target else f"//{target}")
     return parsed.netloc
 

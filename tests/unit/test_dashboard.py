@@ -418,7 +418,7 @@ def test_alertmanager_example_passes_amtool() -> None:
                                 ("DeadlockAgentDown", "slack-deadlock-agent")]:  # fmt: skip
         routed = subprocess.run(
             [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_FILE}",
-             f"alertname={alertname}", "job=gunicorn", "instance=web:9808"],
+             f"alertname={alertname}", "job=gunicorn", "instance=web:19808"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert routed.stdout.split() == [receiver], routed.stdout + routed.stderr
