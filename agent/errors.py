@@ -60,7 +60,9 @@ class PtraceDenied(AgentError):
     help = (
         "run the agent as the app's user or as root; in a container add the CAP_SYS_PTRACE "
         "capability (docker run --cap-add SYS_PTRACE, Kubernetes securityContext.capabilities) "
-        "and share the pid namespace; with Yama, set kernel.yama.ptrace_scope=0"
+        "and share the pid namespace; with Yama, set kernel.yama.ptrace_scope=0; Docker's default "
+        "seccomp profile allows ptrace on kernels >= 4.8, so what still blocks is another uid "
+        "without the capability, Yama, or an AppArmor profile"
     )
 
 
