@@ -184,7 +184,7 @@ class _WorkerTrack:
     # threads serve and go back to where they were dumped, costs its scan and nothing more.
     calm_until: float = -math.inf
     dirty: bool = True
-    hot: set[int] = field(default_factory=set)  # tids hot at the last scan
+    hot: set[int] = field(default_factory=set)  # tids whose hot_since is set (kept in step)
     proof: LockProof | None = None  # native mutex waits read from memory (agent.locks)
 
     def settle(self, settings: AnalysisSettings) -> None:
@@ -299,11 +299,13 @@ class Tracker:
         if live is not track.live and live != track.live:
             track.threads = {tid: t for tid, t in track.threads.items() if tid in live}
             track.live = live
+            track.hot.intersection_update(track.threads)
             track.dirty = True
         if not after_dump and track.hot:
             ran = {a.tid for a in sample.threads}
             for tid in [tid for tid in track.hot if tid not in ran]:
                 track.threads[tid].hot_since = None  # it did not run at all: cooled down
+                track.hot.discard(tid)
                 track.dirty = True
         # Only threads that changed are in the sample: the rest did not run, and nothing about
         # them needs doing now (their windows are rolled when they next change).
@@ -314,6 +316,7 @@ class Tracker:
                     activity=activity, moved_at=now, cpu_at=now, window_at=now,
                     window_ns=activity.cpu_ns,
                 )  # fmt: skip
+                track.hot.discard(activity.tid)
                 track.dirty = True
                 continue
             calm = old.calm_until(self.settings.suspect_after)
@@ -328,10 +331,12 @@ class Tracker:
             elif step or runs:
                 old.moved_at = now
                 share = step / ((now - previous) * 1e9) if now > previous else 0.0
-                if share >= HOT_SHARE:
-                    old.hot_since = previous if old.hot_since is None else old.hot_since
-                else:
+                if share < HOT_SHARE:
                     old.hot_since = None
+                    track.hot.discard(activity.tid)
+                elif old.hot_since is None:
+                    old.hot_since = previous
+                    track.hot.add(activity.tid)
                 if (
                     activity.timed_wait
                     and activity.blocked_at is not None
@@ -348,7 +353,6 @@ class Tracker:
             old.activity = activity
             if old.calm_until(self.settings.suspect_after) < calm:
                 track.dirty = True  # news (a thread back at its idle point brings none)
-        track.hot = {tid for tid, t in track.threads.items() if t.hot_since is not None}
 
     def observe_stacks(self, snapshot: StackSnapshot) -> None:
         """Fold in a py-spy dump of one worker."""
