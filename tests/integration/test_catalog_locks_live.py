@@ -7,8 +7,6 @@ incident, and threads waiting on a C condition variable or a Python lock must gi
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 from harness import AgentProcess
-from test_native_locks import LIBRARY, MACHINE
+from test_native_locks import build_library
 
 from agent.demo.run import Gunicorn, fire, get
 from agent.signatures import load_catalog
@@ -153,19 +151,7 @@ def test_short_regexes_are_no_spin(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def native_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """test_native_locks.py's C library, built here with the system compiler."""
-    if MACHINE not in ("x86_64", "aarch64"):
-        pytest.skip(f"the glibc mutex layout is only known for x86_64 and aarch64, not {MACHINE}")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler (cc or gcc) on PATH to build the mutex test library")
-    where = tmp_path_factory.mktemp("locks-native")
-    (where / "nativelocks.c").write_text(LIBRARY)
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-pthread", "-o",
-         str(where / "libnativelocks.so"), str(where / "nativelocks.c")],
-        check=True, timeout=60, capture_output=True,
-    )  # fmt: skip
-    return where / "libnativelocks.so"
+    return build_library(tmp_path_factory.mktemp("locks-native"))
 
 
 def test_two_request_threads_in_a_native_mutex_cycle_are_proven_deadlocked(
