@@ -314,6 +314,10 @@ def test_busy_but_healthy_traffic_is_never_stuck(matrix: dict[str, Run], shape: 
         assert value(m, "deadlock_agent_threads", state="stuck") <= background, describe(run, at, m)
         assert value(m, "deadlock_agent_workers", state="stuck") == 0, describe(run, at, m)
         assert value(m, "deadlock_agent_workers", state="deadlocked") == 0, describe(run, at, m)
+        # Busy is not spinning, and the named hangs' frames on a healthy app name nothing.
+        assert value(m, "deadlock_agent_threads", state="spinning") == 0, describe(run, at, m)
+        assert value(m, "deadlock_agent_workers", state="spinning") == 0, describe(run, at, m)
+        assert sum(m.series("deadlock_agent_hang_workers").values()) == 0, describe(run, at, m)
         assert m.value("deadlock_agent_request_capacity_ratio") == 1.0, describe(run, at, m)
         assert m.value("deadlock_agent_up") == 1, describe(run, at, m)
     assert run.incidents == [], run.incidents
