@@ -1,4 +1,5 @@
-"""The entry point: `deadlock-agent watch`, `demo` and `diagnose`; the only reader of environ."""
+"""The entry point: `deadlock-agent watch`, `run`, `demo`, `diagnose` and `probe-env`; the only
+reader of environ."""
 
 from __future__ import annotations
 
@@ -63,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(demo, WATCH_SETTINGS)
     add_arguments(demo, DEMO_SETTINGS)
+    run = commands.add_parser(
+        "run",
+        help="start a command (gunicorn) and watch it from this process: "
+        "`deadlock-agent run [options] -- gunicorn app:app` (Heroku's web: line)",
+    )
+    add_arguments(run, WATCH_SETTINGS)
+    run.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+        help="the command to start, after --",
+    )  # fmt: skip
+    probe_env = commands.add_parser(
+        "probe-env",
+        help="print the environment that loads the in-process probe into gunicorn's workers "
+        "(for a gunicorn not started by `run`): eval it before starting gunicorn",
+    )
+    probe_env.add_argument(
+        "--probe-dir", dest="probe_dir", required=True, metavar="DIR",
+        help="the directory for the probes' sockets (give the agent the same --probe-dir)",
+    )  # fmt: skip
     diagnose = commands.add_parser(
         "diagnose",
         help="look at a gunicorn's workers once, now: threads, verdicts, remedies, lock graph, "
@@ -144,6 +164,7 @@ def watch(values: Mapping[str, object], environ: Mapping[str, str]) -> int:
     events: queue.SimpleQueue[int] = queue.SimpleQueue()
     install_signal_handlers(events, agent.stop)
     agent.server.start()
+    agent.start_pushing()
     target = (
         f"master pid {config.master_pid}" if config.master_pid
         else f"pidfile {config.pidfile}" if config.pidfile
@@ -160,6 +181,36 @@ def watch(values: Mapping[str, object], environ: Mapping[str, str]) -> int:
     finally:
         agent.close()
     log.info("received %s; exiting", signal.Signals(signum).name if signum else "stop")
+    return EXIT_OK
+
+
+def run(values: Mapping[str, object], argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """Start the command, watch it, exit with its status (see agent.wrapper)."""
+    from agent.wrapper import run_wrapped
+
+    command = list(argv[1:] if argv[:1] == ["--"] else argv)
+    config = agent_config(values)
+    setup_logging(config.log_level)
+    return run_wrapped(
+        config, command, host=host_name(config.host_name, environ), environ=environ
+    )
+
+
+def print_probe_env(directory: str, environ: Mapping[str, str]) -> int:
+    """`export` lines for the variables the probe needs, for a shell to eval."""
+    import shlex
+    from pathlib import Path
+
+    from agent.probe import probe_environ
+
+    if not Path(directory).is_dir():
+        print(f"deadlock-agent: error: --probe-dir {directory}: no such directory",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    wanted = probe_environ(environ, directory)
+    for name in sorted(wanted):
+        if environ.get(name) != wanted[name]:
+            print(f"export {name}={shlex.quote(wanted[name])}")
     return EXIT_OK
 
 
@@ -205,10 +256,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_USAGE
     if args.command == "diagnose":
         return diagnose(args, environ)
+    if args.command == "probe-env":
+        return print_probe_env(args.probe_dir, environ)
     try:
         values = resolve(WATCH_SETTINGS, args, environ)
         if args.command == "watch":
             return watch(values, environ)
+        if args.command == "run":
+            return run(values, args.argv, environ)
         from agent.demo.run import run_demo
 
         demo_values = resolve(DEMO_SETTINGS, args, environ)

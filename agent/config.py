@@ -15,6 +15,7 @@ from typing import Any
 from agent.analysis import AnalysisSettings
 from agent.errors import ConfigError
 from agent.incidents import DEFAULT_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
+from agent.push import gateway_url
 from agent.server import DEFAULT_LISTEN, parse_listen_address
 
 ENV_PREFIX = "DEADLOCK_AGENT_"
@@ -81,6 +82,14 @@ def http_url(text: str) -> str:
     return text.strip()
 
 
+def sampler_mode(text: str) -> str:
+    """auto, py-spy or probe."""
+    lowered = text.strip().lower()
+    if lowered not in ("auto", "py-spy", "probe"):
+        raise ValueError("must be auto, py-spy or probe")
+    return lowered
+
+
 def non_empty(text: str) -> str:
     """Any non-empty text."""
     if not text.strip():
@@ -132,6 +141,12 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
             "the py-spy executable: a path, or a name looked for beside this Python, then on PATH"),
     Setting("py_spy_timeout", "--py-spy-timeout", positive_float, 5.0,
             "seconds before a py-spy call is killed"),
+    Setting("sampler", "--sampler", sampler_mode, "auto",
+            "how workers are sampled: py-spy, the in-process probe (where ptrace is denied), or "
+            "auto: full py-spy, else py-spy --nonblocking, else the probe, per master"),
+    Setting("probe_dir", "--probe-dir", non_empty, None,
+            "directory of the in-process probes' sockets (`run` makes a private one; give it "
+            "to `watch` when gunicorn runs with `deadlock-agent probe-env`)"),
     Setting("master_pid", "--master-pid", positive_int, None,
             "watch this gunicorn master only (default: find masters by command line)"),
     Setting("pidfile", "--pidfile", non_empty, None,
@@ -161,6 +176,17 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
     Setting("slack_webhook_url_file", "--slack-webhook-url-file", non_empty, None,
             "file holding the Slack webhook URL (a mounted secret)",
             env_name="SLACK_WEBHOOK_URL_FILE"),
+    Setting("push_gateway", "--push-gateway", gateway_url, None,
+            "push metrics to this Pushgateway (http[s]://[user:password@]host:port), for "
+            "platforms nobody can scrape one dyno of (Heroku); credentials belong in the env",
+            secret=True),
+    Setting("push_interval", "--push-interval", positive_float, 15.0,
+            "seconds between pushes (and l2met lines)"),
+    Setting("push_timeout", "--push-timeout", positive_float, 3.0,
+            "seconds before a push, or the delete at shutdown, is given up"),
+    Setting("l2met", "--l2met", boolean, False,
+            "log an l2met line (sample#/count#) to stderr every push interval, for log drains",
+            boolean=True),
 )
 
 DEMO_SETTINGS: tuple[Setting, ...] = (
@@ -182,6 +208,8 @@ class AgentConfig:
     native: bool = True
     py_spy: str = "py-spy"
     py_spy_timeout: float = 5.0
+    sampler: str = "auto"
+    probe_dir: str | None = None
     master_pid: int | None = None
     pidfile: str | None = None
     listen_address: str = DEFAULT_LISTEN
@@ -195,6 +223,10 @@ class AgentConfig:
     host_name: str | None = None
     slack_webhook_url: str | None = field(default=None, repr=False)  # a secret
     slack_webhook_url_file: str | None = None
+    push_gateway: str | None = field(default=None, repr=False)  # may hold a password
+    push_interval: float = 15.0
+    push_timeout: float = 3.0
+    l2met: bool = False
 
     def analysis(self) -> AnalysisSettings:
         """The tracker's timing knobs, derived from these settings."""
@@ -265,6 +297,8 @@ def agent_config(values: Mapping[str, Any]) -> AgentConfig:
     """Build and cross-check an AgentConfig from resolved values."""
     names = {f.name for f in fields(AgentConfig)}
     config = AgentConfig(**{k: v for k, v in values.items() if k in names})
+    if config.sampler == "probe" and config.probe_dir is None:
+        raise ConfigError("--sampler=probe needs --probe-dir (or run gunicorn under `run`)")
     if config.master_pid is not None and config.pidfile is not None:
         raise ConfigError("--master-pid and --pidfile are exclusive: give one")
     if config.stuck_after < 2 * config.interval:
@@ -290,4 +324,9 @@ def agent_config(values: Mapping[str, Any]) -> AgentConfig:
         except ValueError as err:
             raise ConfigError(f"SLACK_WEBHOOK_URL_FILE {path}: {err}") from err
         config = replace(config, slack_webhook_url=url)
+    if config.push_timeout > config.push_interval:
+        raise ConfigError("--push-timeout must be at most --push-interval")
+    if config.push_timeout > 10:
+        # Shutdown waits for one push and one delete: Heroku kills 30 s after SIGTERM.
+        raise ConfigError("--push-timeout must be at most 10 seconds (shutdown waits for it)")
     return config

@@ -60,9 +60,10 @@ class PtraceDenied(AgentError):
     help = (
         "run the agent as the app's user or as root; in a container add the CAP_SYS_PTRACE "
         "capability (docker run --cap-add SYS_PTRACE, Kubernetes securityContext.capabilities) "
-        "and share the pid namespace; with Yama, set kernel.yama.ptrace_scope=0; Docker's default "
-        "seccomp profile allows ptrace on kernels >= 4.8, so what still blocks is another uid "
-        "without the capability, Yama, or an AppArmor profile"
+        "and share the pid namespace; with Yama (ptrace_scope 1 is Ubuntu's default) set "
+        "kernel.yama.ptrace_scope=0; Docker's default seccomp profile allows ptrace on kernels "
+        ">= 4.8, so what still blocks is another uid without the capability, Yama, or an "
+        "AppArmor profile"
     )
 
 
@@ -86,6 +87,33 @@ class NativeUnwindFailed(PySpyFailed):
 
 class PySpyBadOutput(AgentError):
     """py-spy printed something that is not the JSON we expect."""
+
+    reason = "bad_output"
+
+
+class ProbeMissing(AgentError):
+    """No probe answers for a live worker: no socket in the probe directory, or the connection
+    was refused (a stale socket file, or a worker started without the bootstrap)."""
+
+    reason = "probe_missing"
+    help = (
+        "start gunicorn under `deadlock-agent run -- gunicorn ...`, or after "
+        "`eval \"$(deadlock-agent probe-env --probe-dir DIR)\"` with the agent's --probe-dir DIR, "
+        "so each worker starts the in-process probe; or use --sampler=py-spy where ptrace is "
+        "allowed"
+    )
+
+
+class ProbeSilent(AgentError):
+    """The probe accepted the connection but did not answer in time: the worker is alive but
+    its probe thread cannot run, most likely because another thread holds the GIL (a C
+    extension spinning, a pathological regular expression)."""
+
+    reason = "probe_silent"
+
+
+class ProbeBadReply(AgentError):
+    """The probe answered something that is not the JSON the protocol promises."""
 
     reason = "bad_output"
 
@@ -122,6 +150,9 @@ ERROR_REASONS: tuple[str, ...] = tuple(
                 NativeUnwindFailed,
                 PySpyBadOutput,
                 ProcReadError,
+                ProbeMissing,
+                ProbeSilent,
+                ProbeBadReply,
             )
         }
     )

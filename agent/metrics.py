@@ -17,7 +17,7 @@ from agent.analysis import request_capacity
 from agent.types import CycleReport, ThreadState, WorkerState
 
 PREFIX = "deadlock_agent"
-SAMPLE_METHODS = ("proc", "pyspy", "pyspy_native")
+SAMPLE_METHODS = ("proc", "pyspy", "pyspy_native", "pyspy_nonblocking", "probe")
 
 
 def own_cpu() -> dict[str, float]:
@@ -39,9 +39,11 @@ class AgentCollector(Collector):
         py_spy_version: str,
         worker_labels: bool = False,
         notifications: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+        pushes: Callable[[], tuple[Mapping[str, int], float | None]] | None = None,
     ) -> None:
         self._report = report
         self._notifications = notifications
+        self._pushes = pushes
         self._version = version
         self._py_spy_version = py_spy_version
         self._worker_labels = worker_labels
@@ -69,6 +71,8 @@ class AgentCollector(Collector):
             for (channel, result), count in sorted(self._notifications().items()):
                 sent.add_metric([channel, result], count)
             yield sent
+        if self._pushes is not None:
+            yield from self._push_families(*self._pushes())
         report = self._report()
         if report is None:
             up = GaugeMetricFamily(f"{PREFIX}_up", "1 when the last cycle sampled every worker.")
@@ -76,6 +80,22 @@ class AgentCollector(Collector):
             yield up
             return
         yield from self._from_report(report)
+
+    def _push_families(self, results: Mapping[str, int], last_ok: float | None) -> Iterator[Metric]:
+        pushes = CounterMetricFamily(
+            f"{PREFIX}_pushes",
+            "Pushes to the Pushgateway by result (ok, timeout, connection, rejected, "
+            "server_error, error).",
+            labels=["result"],
+        )
+        for result, count in sorted(results.items()):
+            pushes.add_metric([result], count)
+        yield pushes
+        yield GaugeMetricFamily(
+            f"{PREFIX}_last_push_timestamp_seconds",
+            "Unix time of the last successful push to the Pushgateway (0 before the first).",
+            value=last_ok or 0.0,
+        )
 
     def _from_report(self, r: CycleReport) -> Iterator[Metric]:
         yield GaugeMetricFamily(

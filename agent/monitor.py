@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from agent import locks, procfs
@@ -27,6 +27,7 @@ from agent.errors import (
 )
 from agent.incidents import IncidentStore
 from agent.render import incident_record, incident_text
+from agent.sampler import Sampler
 from agent.types import (
     CycleReport,
     DumpKind,
@@ -49,12 +50,33 @@ class WorkerSource(Protocol):
 
 
 class StackSource(Protocol):
-    """Takes stack dumps (agent.pyspy.PySpy in production)."""
+    """Takes stack dumps (agent.sampler.Sampler in production: py-spy or the probe)."""
 
     def dump(self, worker: WorkerRef, *, native: bool) -> StackSnapshot: ...
 
 
+class ProcSource(Protocol):
+    """Reads workers' threads from /proc (agent.procfs.Scanner, or a Sampler routing some
+    workers to their in-process probe)."""
+
+    @property
+    def precise(self) -> bool: ...
+
+    def scan(self, worker: WorkerRef, *, now: float) -> ProcSample: ...
+
+    def retain(self, workers: Iterable[WorkerRef]) -> None: ...
+
+    def forget(self, worker: WorkerRef) -> None: ...
+
+
 IncidentListener = Callable[[Incident], None]
+
+#: deadlock_agent_samples_total{method} of a dump not taken by blocking py-spy.
+METHOD_OF_SOURCE = {
+    "py-spy --nonblocking": "pyspy_nonblocking",
+    "probe": "probe",
+    "probe-watchdog": "probe",
+}
 
 #: Every reason deadlock_agent_sample_errors_total counts: the errors' own, plus a bug caught at
 #: the top of the loop and a failure to write incident evidence.
@@ -76,8 +98,9 @@ class Monitor:
         self,
         *,
         workers: WorkerSource,
-        stacks: StackSource,
+        stacks: StackSource | None = None,
         tracker: Tracker,
+        sampler: Sampler | None = None,
         interval: float = 1.0,
         proc: str = procfs.DEFAULT_PROC,
         clock: Callable[[], float] = time.time,
@@ -86,11 +109,19 @@ class Monitor:
         store: IncidentStore | None = None,
     ) -> None:
         self.workers = workers
-        self.stacks = stacks
+        if (stacks is None) == (sampler is None):
+            raise ValueError("give a stack source or a sampler, not both")
+        self.sampler = sampler
+        # A Sampler is both: it routes each worker to py-spy + /proc, or to its probe.
+        self.stacks: StackSource
+        if sampler is not None:
+            self.stacks = sampler
+        elif stacks is not None:
+            self.stacks = stacks
         self.tracker = tracker
         self.interval = interval
         self.proc = proc
-        self.scanner = procfs.Scanner(proc)
+        self.scanner: ProcSource = sampler if sampler is not None else procfs.Scanner(proc)
         self.clock = clock
         self.listeners = list(listeners)
         self.incidents = incidents if incidents is not None else IncidentBook()
@@ -140,6 +171,9 @@ class Monitor:
                 continue
             self._timed("proc", begun)
             self.tracker.observe_proc(sample)
+        if self.sampler is not None:
+            for missed in self.sampler.drain_errors():  # a silent probe, read around from outside
+                self._error(missed)
         for ref, kind in self.tracker.plan(self.clock()):
             try:
                 self._dump(ref, kind)
@@ -150,6 +184,8 @@ class Monitor:
                 self._error(err)
                 complete = False
         for ref in self.tracker.lock_suspects():
+            if self.sampler is not None and not self.sampler.sees_memory(ref):
+                continue  # only its probe may look inside it
             # A thread stuck in a futex wait: read its worker's mutexes (owner tids) and let
             # agent.locks prove a cycle or an orphaned lock, or nothing.
             try:
@@ -210,7 +246,12 @@ class Monitor:
             self.tracker.native_failed(ref)
             kind = DumpKind.PYTHON
             snapshot = self.stacks.dump(ref, native=False)
-        self._timed(kind.value, begun)
+        if kind is DumpKind.NATIVE and not snapshot.native:
+            # The sampler could not give native frames (py-spy --nonblocking, the probe):
+            # plan Python dumps only for this worker from now on.
+            self.tracker.native_failed(ref)
+            kind = DumpKind.PYTHON
+        self._timed(METHOD_OF_SOURCE.get(snapshot.source, kind.value), begun)
         self.tracker.observe_stacks(snapshot)
         try:
             # The dump itself stopped every thread: re-baseline their counters.
@@ -231,7 +272,9 @@ class Monitor:
 
     def _versions(self, worker: WorkerRef) -> Versions | None:
         """What the worker maps, for the incident's evidence (only when there is a store)."""
-        return procfs.read_versions(worker.pid, proc=self.proc) if self.store is not None else None
+        if self.store is None or (self.sampler and not self.sampler.sees_memory(worker)):
+            return None
+        return procfs.read_versions(worker.pid, proc=self.proc)
 
     def _keep_evidence(
         self,
@@ -288,7 +331,10 @@ class MonitorThread(threading.Thread):
 
     def run(self) -> None:
         """Loop until stopped."""
-        self.monitor.run(self.events)
+        try:
+            self.monitor.run(self.events)
+        except BaseException:  # the loop catches a cycle's bugs; this is the last word
+            log.exception("the sampling loop stopped; nothing is watched any more")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end and wait for it."""

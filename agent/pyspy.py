@@ -154,16 +154,23 @@ class PySpy:
             raise PySpyMissing(f"{self.executable} --version failed: {err.strip() or out.strip()}")
         return out.strip().rsplit(" ", 1)[-1]
 
-    def dump(self, worker: WorkerRef, *, native: bool) -> StackSnapshot:
-        """Dump every thread of the worker; never with --locals (locals can hold secrets)."""
+    def dump(self, worker: WorkerRef, *, native: bool, nonblocking: bool = False) -> StackSnapshot:
+        """Dump every thread of the worker; never with --locals (locals can hold secrets).
+
+        `nonblocking` reads the worker's memory without stopping it (no ptrace attach, so it
+        works where only attaching is forbidden); py-spy refuses it with --native."""
         argv = [self.executable, "dump", "--json", "--pid", str(worker.pid)]
+        if nonblocking:
+            argv.append("--nonblocking")
+            native = False
         if native:
             argv.append("--native")
         code, out, err = self._runner(argv, timeout=self.timeout)
         taken_at = self._clock()
         if code != 0:
             raise classify_failure(err or out, pid=worker.pid)
-        return parse_dump(out, worker=worker, taken_at=taken_at, native=native)
+        source = "py-spy --nonblocking" if nonblocking else "py-spy"
+        return parse_dump(out, worker=worker, taken_at=taken_at, native=native, source=source)
 
 
 def classify_failure(stderr: str, *, pid: int) -> Exception:
@@ -190,7 +197,9 @@ def _frame(raw: dict[str, Any]) -> Frame:
     )
 
 
-def parse_dump(text: str, *, worker: WorkerRef, taken_at: float, native: bool) -> StackSnapshot:
+def parse_dump(
+    text: str, *, worker: WorkerRef, taken_at: float, native: bool, source: str = "py-spy"
+) -> StackSnapshot:
     """Parse `py-spy dump --json` output (a list of threads) into a StackSnapshot."""
     try:
         data = json.loads(text)
@@ -202,10 +211,13 @@ def parse_dump(text: str, *, worker: WorkerRef, taken_at: float, native: bool) -
                 name=raw.get("thread_name"),
                 frames=tuple(_frame(frame) for frame in raw.get("frames") or ()),
                 native=native,
+                source=source,
             )
             for raw in data
             if int(raw.get("pid", worker.pid)) == worker.pid
         )
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise PySpyBadOutput(f"unreadable py-spy JSON: {err}", pid=worker.pid) from err
-    return StackSnapshot(worker=worker, taken_at=taken_at, native=native, threads=threads)
+    return StackSnapshot(
+        worker=worker, taken_at=taken_at, native=native, threads=threads, source=source
+    )

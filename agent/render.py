@@ -46,6 +46,7 @@ def incident_record(incident: Incident) -> dict[str, Any]:
         "threads": [_thread(role, t) for role, t in incident.threads],
         "remedy": incident.remedy,
         "references": list(incident.references),
+        "sampled_by": list(incident.sampled_by),
     }
 
 
@@ -68,6 +69,8 @@ def incident_text(incident: Incident) -> str:
         stuck = f", stuck {thread.stuck_for:.0f}s" if thread.stuck_for else ""
         lines.append(f"  [{role}] thread {thread.name or '?'} (tid {thread.tid}{stuck}):")
         lines.extend(f"      {frame}" for frame in top_frames(thread.stack))
+    if incident.blind_spot is not None:
+        lines.append(f"  Note: {incident.blind_spot}")
     lines.append(f"  Remedy: {incident.remedy}")
     lines.extend(f"  See: {url}" for url in incident.references)
     return "\n".join(lines)

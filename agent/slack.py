@@ -100,6 +100,8 @@ def slack_payload(
             ),
         ]  # fmt: skip
     context = f"incident `{incident.id}`" + (f" · <{link}|details>" if link else "")
+    if incident.resolved_at is None and incident.blind_spot is not None:
+        context += f" · {incident.blind_spot}"
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})
     return {"text": text, "blocks": blocks[:50]}
 

@@ -80,16 +80,18 @@ class ThreadStack:
     name: str | None
     frames: tuple[Frame, ...]
     native: bool  # whether the dump asked for native frames
+    source: str = "py-spy"  # who took it: "py-spy", "py-spy --nonblocking", "probe", ...
 
 
 @dataclass(frozen=True)
 class StackSnapshot:
-    """One py-spy dump of one worker."""
+    """One dump of one worker's threads (py-spy's, or the in-process probe's)."""
 
     worker: WorkerRef
     taken_at: float
     native: bool
     threads: tuple[ThreadStack, ...]
+    source: str = "py-spy"  # as ThreadStack.source
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,32 @@ class Incident:
     def references(self) -> tuple[str, ...]:
         """Links that describe the hang (issues, docs)."""
         return self.signature.references if self.signature is not None else ()
+
+    @property
+    def sampled_by(self) -> tuple[str, ...]:
+        """Who took the involved threads' stacks ("py-spy", "probe", ...), sorted."""
+        return tuple(sorted({t.stack.source for _, t in self.threads if t.stack is not None}))
+
+    @property
+    def blind_spot(self) -> str | None:
+        """What the stacks could not show, when they come from a sampler without ptrace."""
+        return (
+            BLIND_SPOTS.get(self.sampled_by[0])
+            if len(self.sampled_by) == 1
+            else (BLIND_SPOTS["mixed"] if any(s in BLIND_SPOTS for s in self.sampled_by) else None)
+        )
+
+
+#: What an incident says when its stacks come from a sampler that cannot see native frames.
+BLIND_SPOTS: Mapping[str, str] = {
+    "probe": "Stacks from the in-process probe (ptrace was denied): Python frames and the "
+    "worker's own /proc view only; native frames (libpq, OpenSSL) cannot be seen from inside.",
+    "probe-watchdog": "Stacks written by the probe's faulthandler watchdog: the probe itself "
+    "could not run (a thread may hold the GIL); Python frames only.",
+    "py-spy --nonblocking": "Stacks read with py-spy --nonblocking (ptrace attach was denied): "
+    "Python frames only; native frames (libpq, OpenSSL) were not sampled.",
+    "mixed": "Some stacks come from a sampler without native frames (libpq, OpenSSL).",
+}
 
 
 @dataclass(frozen=True)

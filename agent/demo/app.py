@@ -8,6 +8,8 @@ Configured by environment variables so the same app runs under the demo, the tes
   DEMO_HARVEST_URL    https:// URL the harvest thread POSTs to (unset: no harvest thread)
   DEMO_CA_FILE        CA bundle to verify DEMO_HARVEST_URL with
   DEMO_HARVEST_INTERVAL  seconds between harvests (default 1)
+  DEMO_PTRACER        a pid, or `any`: each worker lets it (and its descendants) ptrace it under
+                      Yama, and says so on stderr; the demo sets its own pid (agent.demo.ptrace)
 
 Endpoints (healthy traffic shapes the tests and benchmarks drive, besides the hang):
   /                        ok, no database
@@ -22,18 +24,22 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
+from agent.demo import ptrace
 from agent.demo.db import query
 
 log = logging.getLogger(__name__)
 
 _harvest_lock = threading.Lock()
 _harvest_pid: int | None = None
+_ptracer_lock = threading.Lock()
+_ptracer_pid: int | None = None
 
 
 def _harvest_loop(url: str, ca_file: str | None, interval: float) -> None:
@@ -68,6 +74,28 @@ def ensure_harvest_thread() -> None:
         ).start()
 
 
+def ensure_tracer_allowed() -> None:
+    """Once per process (each gunicorn worker, also under --preload): allow DEMO_PTRACER."""
+    global _ptracer_pid
+    value = os.environ.get("DEMO_PTRACER")
+    if not value or _ptracer_pid == os.getpid():
+        return
+    with _ptracer_lock:
+        if _ptracer_pid == os.getpid():
+            return
+        _ptracer_pid = os.getpid()
+        tracer = ptrace.parse_tracer(value)
+        took = ptrace.allow_tracer(tracer)
+        # PR_SET_PTRACER is per process and not inherited: a respawned worker says it again.
+        named = "PR_SET_PTRACER_ANY" if tracer == ptrace.PR_SET_PTRACER_ANY else str(tracer)
+        print(
+            f"demo app: worker pid {_ptracer_pid} called prctl(PR_SET_PTRACER, {named}): "
+            + ("in effect" if took else "not in effect (no Yama here, so nothing to allow)"),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _stream(seconds: float, every: float) -> Iterator[bytes]:
     deadline = time.monotonic() + seconds
     chunk = b"x" * 1023 + b"\n"
@@ -95,6 +123,7 @@ def _number(environ: dict[str, Any], name: str, default: float, cap: float = 600
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """The demo's endpoints (see the module docstring)."""
+    ensure_tracer_allowed()
     ensure_harvest_thread()
     path = environ.get("PATH_INFO", "/")
     try:
@@ -125,4 +154,5 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     return [body.encode()]
 
 
+ensure_tracer_allowed()  # before any request, so before any hang
 ensure_harvest_thread()

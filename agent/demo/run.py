@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 
 from agent.config import DemoConfig
+from agent.demo import ptrace
 from agent.demo.faults import FaultProxy, HttpsServer
-from agent.errors import EXIT_FAILURE, EXIT_OK, AgentError
+from agent.errors import EXIT_FAILURE, EXIT_OK, AgentError, PtraceDenied
 from agent.monitor import Monitor, MonitorThread, log_incident
 from agent.render import incident_text
 from agent.types import CycleReport, Incident, WorkerState
@@ -54,12 +55,19 @@ class Gunicorn:
         threads: int = 4,
         extra_args: Sequence[str] = (),
         app: str = "agent.demo.app:app",
+        launcher: Sequence[str] = (),
+        python: Sequence[str] = (),
     ) -> None:
+        """`launcher` starts gunicorn (`deadlock-agent run ... --`): then it is the master's
+        parent, the whole group gets stop()'s SIGTERM (as on Heroku), and `pid` is the master's.
+        `python` is the command that runs gunicorn's Python (default: this interpreter); it must
+        end in exec'ing it, so that its pid is the master's."""
         self.port = free_port()
+        self.launcher = tuple(launcher)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "gunicorn.log"
         argv = [
-            sys.executable, "-m", "gunicorn",
+            *(python or [sys.executable]), "-m", "gunicorn",
             "--worker-class", worker_class,
             "--workers", str(workers),
             "--threads", str(threads),
@@ -73,17 +81,24 @@ class Gunicorn:
         ]  # fmt: skip
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            argv,
+            [*self.launcher, *argv],
             env={**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=bool(self.launcher),
         )
+        self._master: int | None = None if self.launcher else self.proc.pid
 
     @property
     def pid(self) -> int:
-        """The master's pid."""
-        return self.proc.pid
+        """The master's pid (under a launcher: its child, once started; else the launcher's)."""
+        if self._master is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                kids = psutil.Process(self.proc.pid).children()
+                if kids:
+                    self._master = kids[0].pid
+        return self._master if self._master is not None else self.proc.pid
 
     def worker_pids(self) -> list[int]:
         """The master's live children."""
@@ -121,10 +136,17 @@ class Gunicorn:
             except psutil.NoSuchProcess:
                 continue
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if self.launcher:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)  # every process, as Heroku does
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if self.launcher:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait(5)
         _, alive = psutil.wait_procs(workers, timeout=2)
@@ -175,10 +197,19 @@ def demo_world(workdir: Path) -> Iterator[tuple[FaultProxy, FaultProxy, dict[str
         https.close()
 
 
+def say_yama(path: str = ptrace.SCOPE_PATH, *, root: bool | None = None) -> None:
+    """One line on what Yama's ptrace_scope means for the demo's py-spy; none without Yama."""
+    root = os.geteuid() == 0 if root is None else root
+    note = ptrace.scope_note(ptrace.read_scope(path), root=root)
+    if note is not None:
+        say(("error: " if note[0] else "") + note[1])
+
+
 def run_demo(config: DemoConfig, *, host: str) -> int:
     """Run the demo; exit 0 once the agent has detected the deadlock, 1 if it never did."""
     from agent.runtime import Agent
 
+    say_yama()
     events: queue.SimpleQueue[int] = queue.SimpleQueue()
     detected: queue.SimpleQueue[Incident] = queue.SimpleQueue()
     started = time.monotonic()
@@ -186,7 +217,8 @@ def run_demo(config: DemoConfig, *, host: str) -> int:
         Path(tmp)
     ) as (database, harvest, env):
         say("starting gunicorn (gthread, 2 workers x 4 threads) with the demo app")
-        gunicorn = Gunicorn(Path(tmp), env)
+        # The workers let this process's children (the agent's py-spy) ptrace them under Yama.
+        gunicorn = Gunicorn(Path(tmp), {**env, "DEMO_PTRACER": str(os.getpid())})
         agent = None
         monitor_thread = None
         try:
@@ -198,6 +230,7 @@ def run_demo(config: DemoConfig, *, host: str) -> int:
                 agent_config, host=host, listeners=(log_incident, detected.put)
             )
             agent.server.start()
+            agent.start_pushing()
             monitor_thread = MonitorThread(agent.monitor)
             monitor_thread.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,6 +272,9 @@ def _script(
     ok = 0
     while time.monotonic() < fault_at:
         ok += get(gunicorn.url + "/", timeout=2) == 200
+        if _denied(monitor.last_report):  # the first cycle dumps every worker: known early
+            say(ptrace.DENIED)
+            return EXIT_FAILURE
         if _wait_event(events, 0.2):
             return EXIT_FAILURE
     say(f"{ok} healthy requests served; agent sees workers {_states(monitor.last_report)}")
@@ -254,6 +290,9 @@ def _script(
         count += _print_new(detected)
         if count:
             break
+        if _denied(monitor.last_report):
+            say(ptrace.DENIED)
+            return EXIT_FAILURE
         if time.monotonic() >= next_status:
             say(f"t+{time.monotonic() - fault_at:.0f}s: workers {_states(monitor.last_report)}; "
                 f"{database.stalled_connections} database handshakes stalled")
@@ -289,6 +328,11 @@ def _print_new(detected: queue.SimpleQueue[Incident]) -> int:
         if incident.resolved_at is None:
             count += 1
             print(incident_text(incident), flush=True)
+
+
+def _denied(report: CycleReport | None) -> bool:
+    """Whether py-spy was refused access (the agent has logged the error with its fix)."""
+    return report is not None and report.sample_errors.get(PtraceDenied.reason, 0) > 0
 
 
 def _wait_event(events: queue.SimpleQueue[int], timeout: float) -> bool:

@@ -50,20 +50,56 @@ def parse_metrics(text: str) -> Metrics:
     return Metrics(samples)
 
 
+class Scraper:
+    """An agent's /metrics at a URL, polled until a condition holds (for agents the test did
+    not start itself, such as the one inside `deadlock-agent run`)."""
+
+    def __init__(self, url: str, log: Callable[[], str] = lambda: "") -> None:
+        self.url = url
+        self.log = log
+
+    def scrape(self) -> Metrics:
+        """GET /metrics and parse it."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return parse_metrics(response.read().decode())
+
+    def wait_for(
+        self, what: str, check: Callable[[Metrics], bool], timeout: float, every: float = 0.25
+    ) -> tuple[Metrics, float]:
+        """Scrape until check() holds; return the scrape and how long it took."""
+        started = time.monotonic()
+        last: Metrics | None = None
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(OSError):
+                last = self.scrape()
+                if check(last):
+                    return last, time.monotonic() - started
+            time.sleep(every)
+        raise AssertionError(
+            f"timed out after {timeout:g}s waiting for {what}; last scrape:\n"
+            f"{_interesting(last)}\nlog:\n{self.log()[-3000:]}"
+        )
+
+
 class AgentProcess:
     """`python -m agent watch ...` as a real subprocess, with its log kept for failures."""
 
     def __init__(
-        self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
-        """Start the agent; `env` adds to (or overrides) the inherited environment."""
+        """Start the agent; `env` adds to (or overrides) the inherited environment, `prefix`
+        runs it (setpriv with other credentials)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"agent-{self.port}.log"
         self.incidents_dir = workdir / f"incidents-{self.port}"  # never the shared default
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "watch", "--web.listen-address",
+            [*prefix, sys.executable, "-m", "agent", "watch", "--web.listen-address",
              f"127.0.0.1:{self.port}", "--incidents.dir", str(self.incidents_dir), *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=None if env is None else {**os.environ, **env},
@@ -176,8 +212,14 @@ def running_app(
     worker_class: str = "gthread",
     app_module: str = "agent.demo.app:app",
     extra_args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    python: Sequence[str] = (),
 ) -> Iterator[App]:
     """Start proxies, the HTTPS server and gunicorn; tear all down (unstalling first).
+
+    `launcher` starts gunicorn (`deadlock-agent run ... --`) and `python` runs it (see
+    Gunicorn); `env` adds to the app's environment.
 
     `app_module` is what gunicorn serves (agent.demo.asgi:app for ASGI worker classes);
     `extra_args` go to gunicorn after the defaults, so they override them."""
@@ -189,13 +231,14 @@ def running_app(
         "DEMO_HARVEST_URL": f"https://127.0.0.1:{harvest.port}/harvest",
         "DEMO_CA_FILE": str(https.ca_file),
         "DEMO_HARVEST_INTERVAL": "1",
+        **(env or {}),
     }
     gunicorn = None
     app = None
     try:
         gunicorn = Gunicorn(
             workdir, env, worker_class=worker_class, workers=workers, threads=threads,
-            extra_args=extra_args, app=app_module,
+            extra_args=extra_args, app=app_module, launcher=launcher, python=python,
         )  # fmt: skip
         gunicorn.wait_ready(workers=workers)
         app = App(gunicorn, database, harvest, https)

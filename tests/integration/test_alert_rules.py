@@ -55,8 +55,8 @@ EXPORTED = {
     "deadlock_agent_build_info",
     "deadlock_agent_notifications_total",
 }
-# ... plus what Prometheus itself records for every target.
-SYNTHETIC = {"up"}
+# ... plus what Prometheus itself records for every target, and the Pushgateway for every group.
+SYNTHETIC = {"up", "push_time_seconds"}
 # Label values the agent exports, for the labels rules filter on.
 LABEL_VALUES = {
     "state": {*(s.value for s in WorkerState), *(s.value for s in ThreadState)},

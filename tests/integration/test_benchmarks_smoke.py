@@ -1,6 +1,6 @@
 """The live benchmarks still run: each script with --smoke, as a real subprocess, end to end
 (real PostgreSQL, gunicorn and agent), printing its table. Their figures are the benchmarks'
-business; here only that they run and report (about 2 minutes for all five)."""
+business; here only that they run and report (about 2 minutes for all six)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,14 @@ def test_cycle_profile_smoke(tmp_path: Path) -> None:
                   "the rest (loop, report)", "cycle total p50 / p95", "idle wake-up, sleep",
                   "idle wake-up, queue"):  # fmt: skip
         assert re.search(rf"^{re.escape(stage)}\s+[\d.]+", out, re.MULTILINE), f"{stage}:\n{out}"
+
+
+def test_probe_overhead_smoke(tmp_path: Path) -> None:
+    out = run_smoke("probe_overhead.py", tmp_path)
+    assert re.search(r"^\s+1\s+off\s+[\d.]+", out, re.MULTILINE), out
+    on = re.search(r"^\s+2\s+on\s+[\d.]+(?:\s+[\d.]+){4}\s+(\d+)\s+(\d+)\s", out, re.MULTILINE)
+    assert on and int(on[1]) >= 2 and int(on[2]) >= 1, out  # scans and a dump
+    for line in ("throughput with/without", "probe thread CPU per request",
+                 "client round trip p50", "goal: throughput with/without >= 0.99 -> ",
+                 "goal: worker CPU per request with/without <= 1.01 -> "):  # fmt: skip
+        assert line in out, f"{line!r} missing from:\n{out}"

@@ -16,6 +16,7 @@ from agent.config import (
     AgentConfig,
     agent_config,
     resolve,
+    sampler_mode,
 )
 from agent.errors import EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError
 from agent.incidents import DEFAULT_DIR
@@ -29,6 +30,8 @@ ENV_NAMES = {
     "--native": "DEADLOCK_AGENT_NATIVE",
     "--py-spy": "DEADLOCK_AGENT_PY_SPY",
     "--py-spy-timeout": "DEADLOCK_AGENT_PY_SPY_TIMEOUT",
+    "--sampler": "DEADLOCK_AGENT_SAMPLER",
+    "--probe-dir": "DEADLOCK_AGENT_PROBE_DIR",
     "--master-pid": "DEADLOCK_AGENT_MASTER_PID",
     "--pidfile": "DEADLOCK_AGENT_PIDFILE",
     "--web.listen-address": "DEADLOCK_AGENT_WEB_LISTEN_ADDRESS",
@@ -42,6 +45,10 @@ ENV_NAMES = {
     "--host-name": "DEADLOCK_AGENT_HOST_NAME",
     "--slack-webhook-url-file": "SLACK_WEBHOOK_URL_FILE",
     "SLACK_WEBHOOK_URL": "SLACK_WEBHOOK_URL",  # environment only: a secret
+    "--push-gateway": "DEADLOCK_AGENT_PUSH_GATEWAY",
+    "--push-interval": "DEADLOCK_AGENT_PUSH_INTERVAL",
+    "--push-timeout": "DEADLOCK_AGENT_PUSH_TIMEOUT",
+    "--l2met": "DEADLOCK_AGENT_L2MET",
     "--duration": "DEADLOCK_AGENT_DURATION",
     "--fault-after": "DEADLOCK_AGENT_FAULT_AFTER",
 }
@@ -54,6 +61,8 @@ DEFAULTS = {
     "native": True,
     "py_spy": "py-spy",
     "py_spy_timeout": 5.0,
+    "sampler": "auto",
+    "probe_dir": None,
     "master_pid": None,
     "pidfile": None,
     "listen_address": "127.0.0.1:19808",
@@ -67,6 +76,10 @@ DEFAULTS = {
     "host_name": None,
     "slack_webhook_url": None,
     "slack_webhook_url_file": None,
+    "push_gateway": None,
+    "push_interval": 15.0,
+    "push_timeout": 3.0,
+    "l2met": False,
 }
 
 
@@ -209,6 +222,8 @@ BAD_VALUES = [
     ("--web.listen-address", "127.0.0.1:65536"),
     ("--log-level", "verbose"),
     ("--log-level", "critical"),
+    ("--push-interval", "0"),
+    ("--push-timeout", "-1"),
 ]
 
 
@@ -230,6 +245,7 @@ BAD_ENV = [
     ("--native", ""),
     ("--native", "2"),
     ("--web.worker-labels", "enabled"),
+    ("--l2met", "sometimes"),
 ]
 
 
@@ -394,3 +410,16 @@ def test_readme_documents_every_setting() -> None:
         assert f"`{setting.env}`" in readme, setting.env
         if setting.flag is not None:
             assert f"`{setting.flag}" in readme, setting.flag
+
+
+@pytest.mark.parametrize("value", ["auto", "py-spy", "probe", "PROBE"])
+def test_sampler_modes(value: str) -> None:
+    assert sampler_mode(value) == value.lower()
+
+
+def test_sampler_rejects_others_and_probe_needs_a_directory() -> None:
+    with pytest.raises(ValueError, match="auto, py-spy or probe"):
+        sampler_mode("gdb")
+    with pytest.raises(ConfigError, match="--probe-dir"):
+        agent_config({"sampler": "probe"})
+    assert agent_config({"sampler": "probe", "probe_dir": "/run/x"}).probe_dir == "/run/x"

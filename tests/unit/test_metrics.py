@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from agent.errors import ERROR_REASONS
 from agent.metrics import AgentCollector
 from agent.monitor import SAMPLE_ERROR_REASONS
+from agent.push import RESULTS as PUSH_RESULTS
 from agent.signatures import load_catalog
 from agent.slack import RESULTS
 from agent.types import (
@@ -84,9 +85,12 @@ def registry_for(
     registry = CollectorRegistry()
     # Both notifier channels, as documented (a running agent has one of them).
     notifications = {(c, r): 1 for c in ("slack", "log") for r in RESULTS}
+    # And a pusher's outcomes (exported only with --push-gateway).
+    pushes = (dict.fromkeys(PUSH_RESULTS, 2), 1700000400.0)
     registry.register(AgentCollector(lambda: cycle, version="9.8.7", py_spy_version="0.4.3",
                                      worker_labels=worker_labels,
-                                     notifications=lambda: notifications))  # fmt: skip
+                                     notifications=lambda: notifications,
+                                     pushes=lambda: pushes))  # fmt: skip
     return registry
 
 
@@ -145,7 +149,7 @@ DOCUMENTED = documented_metrics()
 
 def test_readme_table_was_found() -> None:
     names = [d.name for d in DOCUMENTED]
-    assert len(names) == 23
+    assert len(names) == 25
     assert "deadlock_agent_up" in names
     assert "deadlock_agent_deadlocks_detected_total" in names
 
@@ -276,9 +280,10 @@ def test_up_is_0_without_a_report() -> None:
     assert registry.get_sample_value(
         "deadlock_agent_build_info", {"version": "9.8.7", "py_spy_version": "0.4.3"}
     ) == 1
-    # Notification counts exist from the start: the notifier does not wait for a cycle.
+    # Notification and push counts exist from the start: neither waits for a cycle.
     assert {name for name, _, _ in samples(registry)} == {
         "deadlock_agent_up", "deadlock_agent_build_info", "deadlock_agent_notifications_total",
+        "deadlock_agent_pushes_total", "deadlock_agent_last_push_timestamp_seconds",
     }  # fmt: skip
 
 
