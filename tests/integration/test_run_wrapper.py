@@ -237,7 +237,10 @@ def test_sampler_killed_or_failing_never_stops_the_app(
             return found
 
         # The sampler hangs inside py-spy: kill it, as an OOM killer or an operator might.
-        wait_until("a py-spy run", lambda: bool(hanging_py_spy()), 20)
+        # (Killed only once it is inside the hang: a kill before it counted its call would
+        # make the next run the hanging one.)
+        wait_until("a py-spy run hanging", lambda: calls.exists() and calls.read_text() == "x"
+                   and bool(hanging_py_spy()), 20)  # fmt: skip
         for proc in hanging_py_spy():
             proc.kill()
         m, _ = agent.wait_for(
