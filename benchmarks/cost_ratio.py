@@ -444,7 +444,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.naive_loop is not None:
         return naive_loop(args.naive_loop)
-    warmup, seconds = (2.0, 5.0) if args.smoke else (args.warmup, args.seconds)
+    warmup, seconds = (1.0, 2.5) if args.smoke else (args.warmup, args.seconds)
     modes = [
         Mode("idle", 0.0),
         Mode("keep-alive", args.rate, keepalive=True),

@@ -287,11 +287,11 @@ def main() -> int:
         "--stuck-after", type=float, default=5.0, help="the agent's --stuck-after (default 5)"
     )
     parser.add_argument("--smoke", action="store_true",
-                        help="a tiny run: 20 s, phases of 5 s")  # fmt: skip
+                        help="a tiny run: 12 s, phases of 3 s")  # fmt: skip
     args = parser.parse_args()
     seconds, phase_seconds = args.minutes * 60, args.phase_seconds
     if args.smoke:
-        seconds, phase_seconds = 20.0, 5.0
+        seconds, phase_seconds = 12.0, 3.0
     progress = Progress("soak")
     with contextlib.suppress(KeyboardInterrupt):
         return soak(seconds, phase_seconds, args.stuck_after, progress)

@@ -26,6 +26,8 @@ REMEDY = {s.name: s.remedy for s in load_catalog().signatures}
 # Shared CPU (2 cores): generous waits, the agent at its quickest.
 VERDICT_WAIT = 40.0
 AGENT_ARGS = ("--stuck-after", "3", "--stuck-incident-after", "3", "--interval", "1")
+# A healthy twin is watched this long: over three times what a hang takes to become an incident.
+QUIET_FOR = 10.0
 
 
 @contextlib.contextmanager
@@ -118,7 +120,7 @@ def test_a_lock_held_by_a_master_thread_at_fork_deadlocks_the_worker(tmp_path: P
 
 def test_the_same_preload_app_without_the_master_thread_is_healthy(tmp_path: Path) -> None:
     with served(tmp_path, "locks_preload_app:app", "--preload") as (gunicorn, agent):
-        quiet_for(agent, gunicorn, ["/log", "/"], 15)
+        quiet_for(agent, gunicorn, ["/log", "/"], QUIET_FOR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def test_a_catastrophic_regex_in_a_request_is_a_spin(tmp_path: Path) -> None:
 
 def test_short_regexes_are_no_spin(tmp_path: Path) -> None:
     with served(tmp_path, "locks_regex_app:app") as (gunicorn, agent):
-        quiet_for(agent, gunicorn, ["/regex?n=12", "/regex?n=16", "/"], 15)
+        quiet_for(agent, gunicorn, ["/regex?n=12", "/regex?n=16", "/"], QUIET_FOR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def test_a_mutex_held_by_the_preloading_master_is_an_orphan_in_the_worker(
 def test_the_native_app_without_faults_is_healthy(tmp_path: Path, native_lib: Path) -> None:
     with served(tmp_path, "locks_native_app:app",
                 env={"LOCKS_NATIVE_LIB": str(native_lib)}) as (gunicorn, agent):  # fmt: skip
-        quiet_for(agent, gunicorn, ["/"], 15)
+        quiet_for(agent, gunicorn, ["/"], QUIET_FOR)
 
 
 def test_waits_on_a_c_condition_variable_and_a_python_lock_prove_nothing(

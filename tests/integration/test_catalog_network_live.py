@@ -27,7 +27,7 @@ from peers import SilentServer  # noqa: E402  (the helper apps' directory, added
 
 BY_NAME = {s.name: s for s in load_catalog().signatures}
 VERDICT_WITHIN = 40.0  # CPU is shared with other test runs: be generous
-HEALTHY_FOR = 15.0
+HEALTHY_FOR = 10.0  # over three times what a hang takes to become an incident (3 + 3 s)
 
 
 @contextlib.contextmanager
