@@ -153,6 +153,9 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
             "watch the master whose pid is in this file (gunicorn --pid)"),
     Setting("listen_address", "--web.listen-address", listen_address, DEFAULT_LISTEN,
             "where to serve /metrics, /healthz and /"),
+    Setting("web_config_file", "--web.config.file", non_empty, None,
+            "the exporter-toolkit web config (YAML: tls_server_config, basic_auth_users, "
+            "http_server_config.headers) guarding every endpoint; re-read when it changes"),
     Setting("worker_labels", "--web.worker-labels", boolean, False,
             "also export deadlock_agent_worker_state with pid labels (high churn on respawn)",
             boolean=True),
@@ -213,6 +216,7 @@ class AgentConfig:
     master_pid: int | None = None
     pidfile: str | None = None
     listen_address: str = DEFAULT_LISTEN
+    web_config_file: str | None = None
     worker_labels: bool = False
     log_level: str = "INFO"
     stuck_incident_after: float = 60.0
@@ -324,6 +328,10 @@ def agent_config(values: Mapping[str, Any]) -> AgentConfig:
         except ValueError as err:
             raise ConfigError(f"SLACK_WEBHOOK_URL_FILE {path}: {err}") from err
         config = replace(config, slack_webhook_url=url)
+    if config.web_config_file is not None:
+        from agent.webconfig import load
+
+        load(config.web_config_file)  # the whole file checked before anything starts
     if config.push_timeout > config.push_interval:
         raise ConfigError("--push-timeout must be at most --push-interval")
     if config.push_timeout > 10:

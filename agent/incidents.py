@@ -88,6 +88,7 @@ class IncidentStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()  # the loop writes, HTTP threads read
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_private(self.directory)
         self._prune()
 
     def _paths(self, incident_id: str) -> tuple[Path, Path]:
@@ -222,8 +223,27 @@ def _text_dump_part(path: Path) -> str:
     return text[index:] if index >= 0 else dump_text(None)
 
 
+def _make_private(directory: Path) -> None:
+    """The evidence names code, hosts and pids: the directory 0700 and its files 0600 (an
+    existing directory too, when it is ours; another owner's is left alone, with a warning)."""
+    info = directory.stat()
+    if info.st_uid != os.geteuid():
+        log.warning("incident directory %s belongs to uid %s, not to this agent: its "
+                    "permissions are left as they are", directory, info.st_uid)  # fmt: skip
+        return
+    if info.st_mode & 0o077:
+        directory.chmod(0o700)
+    for path in directory.iterdir():
+        if path.suffix in (".json", ".txt") and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    # Readers (the HTTP server) never see half a file.
+    # Readers (the HTTP server) never see half a file; nobody but the agent's user reads it.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), 0o600)  # a leftover tmp file keeps its old mode otherwise
+        out.write(text)
     tmp.replace(path)

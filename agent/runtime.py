@@ -24,6 +24,7 @@ from agent.sampler import Mode, Sampler
 from agent.server import AgentApp, HttpServer
 from agent.signatures import load_catalog
 from agent.slack import LogNotifier, SlackNotifier
+from agent.webconfig import WebConfigFile
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Agent:
         listeners: Sequence[IncidentListener] = (log_incident,),
     ) -> Agent:
         """Check py-spy, load signatures, open the store, bind the port; raises AgentError."""
+        web = None
+        if config.web_config_file is not None:
+            web = WebConfigFile(config.web_config_file)  # first: a bad file is one line
         stop = threading.Event()
         sampler, py_spy_version = build_sampler(config, stop)
         try:
@@ -99,7 +103,9 @@ class Agent:
         app = AgentApp(
             registry, lambda: monitor.last_report, stale_after=config.stale_after, store=store
         )
-        server = HttpServer(app, config.listen_address)
+        server = HttpServer(app, config.listen_address, web=web)
+        if web is not None:
+            log.info("--web.config.file %s: %s", web.path, web.describe())
         return cls(config, monitor, registry, server, notifier, store, stop, pusher)
 
     def start_pushing(self) -> None:

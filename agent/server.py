@@ -1,4 +1,5 @@
-"""The HTTP server: /metrics, /healthz and a landing page, on a background thread."""
+"""The HTTP server: /metrics, /healthz, /incidents and a landing page, on a background thread;
+with `--web.config.file`, every route behind its basic auth and the listener behind its TLS."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import html
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,12 +21,15 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from agent.errors import ConfigError
 from agent.incidents import IncidentStore
 from agent.types import CycleReport
+from agent.webconfig import REALM, BasicAuth, WebConfig, WebConfigFile
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 19808
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 IDLE_POLL = 3600.0  # seconds serve_forever may sleep in select() with no request
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to finish its TLS handshake
+REQUEST_TIMEOUT = 30.0  # seconds a client may leave a socket operation hanging (slow clients)
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -43,6 +48,8 @@ def parse_listen_address(value: str) -> tuple[str, int]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: %s", format % args)
 
@@ -163,14 +170,84 @@ def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:
     return [body.encode()]
 
 
-class HttpServer:
-    """Serves an AgentApp from a daemon thread; close() stops it."""
+class Guard:
+    """Every route behind the web configuration: basic auth (401 with no detail), its response
+    headers; 500 for every request while a changed file does not load (as exporter-toolkit)."""
 
-    def __init__(self, app: AgentApp, address: str) -> None:
+    def __init__(self, app: Callable[..., Iterable[bytes]], web: WebConfigFile) -> None:
+        self._app = app
+        self._web = web
+        self._auth: tuple[WebConfig, BasicAuth] | None = None  # rebuilt when the file is
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        config = self._web.current()
+        if config is None:
+            return _text(start_response, "500 Internal Server Error", "Internal Server Error\n")
+        extra = list(config.headers)
+        if config.users and not self._auth_of(config).allows(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("WWW-Authenticate", f'Basic realm="{REALM}"'),
+                *extra,
+            ])  # fmt: skip
+            return [b"Unauthorized\n"]
+        if not extra:
+            return self._app(environ, start_response)
+
+        def with_headers(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            return start_response(status, [*headers, *extra], *exc_info)
+
+        return self._app(environ, with_headers)
+
+    def _auth_of(self, config: WebConfig) -> BasicAuth:
+        auth = self._auth
+        if auth is None or auth[0] is not config:
+            auth = (config, BasicAuth(config.users))
+            self._auth = auth
+        return auth[1]
+
+
+class HttpServer:
+    """Serves an AgentApp from a daemon thread; close() stops it. With `web`, requests pass
+    its Guard and, when it configures TLS, connections its TLS (the handshake in the request's
+    own thread, so a client that never finishes it holds up nobody else)."""
+
+    def __init__(
+        self, app: Callable[..., Iterable[bytes]], address: str, *,
+        web: WebConfigFile | None = None,
+    ) -> None:  # fmt: skip
         host, port = parse_listen_address(address)
+        tls = web is not None and web.tls
+        if web is not None:
+            app = Guard(app, web)
 
         class Server(ThreadingWSGIServer):
             address_family = _family(host)
+
+            def get_request(self) -> tuple[socket.socket, Any]:
+                connection, client = super().get_request()
+                if not tls:
+                    return connection, client
+                config = web.current() if web is not None else None
+                if config is None or config.ssl_context is None:
+                    connection.close()
+                    raise OSError("web config broken")  # serve_forever drops this connection
+                wrapped = config.ssl_context.wrap_socket(
+                    connection, server_side=True, do_handshake_on_connect=False
+                )
+                return wrapped, client
+
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                if tls:
+                    request.settimeout(HANDSHAKE_TIMEOUT)
+                    request.do_handshake()
+                super().finish_request(request, client_address)
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A failed handshake, a reset, a timeout: the client's doing. socketserver
+                # would print a stack trace to stderr; one debug line says enough.
+                err = sys.exc_info()[1]
+                log.debug("http: connection from %s ended: %s", client_address[0], err)
 
         try:
             self._server: WSGIServer = make_server(
@@ -180,6 +257,7 @@ class HttpServer:
             raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err
         self.port = self._server.server_port
         self.host = host
+        self.scheme = "https" if tls else "http"
         # A long poll: serve_forever wakes only for requests (each wake-up of an idle thread
         # costs tens of microseconds of CPU); close() wakes it with a connection instead.
         self._thread = threading.Thread(
@@ -191,7 +269,7 @@ class HttpServer:
     def url(self) -> str:
         """Base URL of the server."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> HttpServer:
         """Begin serving in the background."""
