@@ -30,6 +30,7 @@ from agent.types import (
     HangClass,
     Incident,
     ProcSample,
+    RemediationEvent,
     StackSnapshot,
     ThreadActivity,
     ThreadReport,
@@ -186,6 +187,7 @@ class _WorkerTrack:
     dirty: bool = True
     hot: set[int] = field(default_factory=set)  # tids whose hot_since is set (kept in step)
     proof: LockProof | None = None  # native mutex waits read from memory (agent.locks)
+    seen_at: float = math.inf  # when its first scan was taken
 
     def settle(self, settings: AnalysisSettings) -> None:
         """After a judgment: take the news as read, and work out `calm_until`."""
@@ -294,6 +296,7 @@ class Tracker:
         track = self._workers.setdefault(sample.worker, _WorkerTrack(sample.worker))
         now = sample.taken_at
         resolution = sample.resolution_ns
+        track.seen_at = min(track.seen_at, now)
         previous, track.scanned_at = track.scanned_at, now
         live = sample.tids if sample.tids is not None else frozenset(a.tid for a in sample.threads)
         if live is not track.live and live != track.live:
@@ -467,9 +470,14 @@ class Tracker:
                 and now - track.last_native_at >= s.native_gap
             )
             kind = DumpKind.NATIVE if native else DumpKind.PYTHON
+            # A worker that has lived stuck_after with a thread quiet where no dump has seen
+            # it: as suspect as one that moved and stopped (a respawned worker hanging again
+            # must not wait behind the budget's share for first looks). Short-lived workers
+            # (churn) stay first looks.
+            long_unseen = never_seen and now - track.seen_at >= s.stuck_after
             if (track.want_native and native) or recheck:
                 priority = 0
-            elif native or unseen or spin:
+            elif native or unseen or spin or long_unseen:
                 priority = 1
             elif never_seen or track.last_dump_at == -math.inf:
                 priority = 2  # a first look
@@ -799,6 +807,16 @@ class IncidentBook:
             if incident.signature.hang_class is HangClass.DEADLOCK:
                 self.totals[incident.signature.name] += 1
         return incident
+
+    def note(self, incident_id: str, event: RemediationEvent) -> Incident | None:
+        """Add a remediation event to the open incident with this id; the updated incident,
+        or None when it is not open (any more)."""
+        for key, incident in self._open.items():
+            if incident.id == incident_id:
+                updated = replace(incident, remediation=(*incident.remediation, event))
+                self._open[key] = updated
+                return updated
+        return None
 
     def update(
         self, reports: Iterable[WorkerReport], now: float

@@ -16,6 +16,7 @@ from agent.analysis import AnalysisSettings
 from agent.errors import ConfigError
 from agent.incidents import DEFAULT_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from agent.push import gateway_url
+from agent.remediation import Mode, RemediationSettings
 from agent.server import DEFAULT_LISTEN, parse_listen_address
 
 ENV_PREFIX = "DEADLOCK_AGENT_"
@@ -87,6 +88,14 @@ def sampler_mode(text: str) -> str:
     lowered = text.strip().lower()
     if lowered not in ("auto", "py-spy", "probe"):
         raise ValueError("must be auto, py-spy or probe")
+    return lowered
+
+
+def remediate_mode(text: str) -> str:
+    """off, dry-run or kill."""
+    lowered = text.strip().lower()
+    if lowered not in {m.value for m in Mode}:
+        raise ValueError("must be off, dry-run or kill")
     return lowered
 
 
@@ -190,6 +199,20 @@ WATCH_SETTINGS: tuple[Setting, ...] = (
     Setting("l2met", "--l2met", boolean, False,
             "log an l2met line (sample#/count#) to stderr every push interval, for log drains",
             boolean=True),
+    Setting("remediate", "--remediate", remediate_mode, "off",
+            "act on deadlocked workers: off, dry-run (log what would be sent) or kill "
+            "(SIGABRT, then SIGKILL if still alive)"),
+    Setting("remediate_grace", "--remediate.grace", positive_float, 30.0,
+            "signal a worker only once it has been deadlocked for longer than this (seconds)"),
+    Setting("remediate_abort_wait", "--remediate.abort-wait", positive_float, 5.0,
+            "seconds after SIGABRT before SIGKILL, if the worker is still alive"),
+    Setting("remediate_max_per_slot", "--remediate.max-per-slot", positive_int, 3,
+            "signal at most this many workers of one worker slot (a worker and its "
+            "replacements) per --remediate.window; past it, only alert"),
+    Setting("remediate_max_per_host", "--remediate.max-per-host", positive_int, 10,
+            "signal at most this many workers on this host per --remediate.window"),
+    Setting("remediate_window", "--remediate.window", positive_float, 3600.0,
+            "the sliding window of the remediation rate limits (seconds)"),
 )
 
 DEMO_SETTINGS: tuple[Setting, ...] = (
@@ -231,6 +254,23 @@ class AgentConfig:
     push_interval: float = 15.0
     push_timeout: float = 3.0
     l2met: bool = False
+    remediate: str = "off"
+    remediate_grace: float = 30.0
+    remediate_abort_wait: float = 5.0
+    remediate_max_per_slot: int = 3
+    remediate_max_per_host: int = 10
+    remediate_window: float = 3600.0
+
+    def remediation(self) -> RemediationSettings:
+        """The remediation policy's settings."""
+        return RemediationSettings(
+            mode=Mode(self.remediate),
+            grace=self.remediate_grace,
+            abort_wait=self.remediate_abort_wait,
+            max_per_slot=self.remediate_max_per_slot,
+            max_per_host=self.remediate_max_per_host,
+            window=self.remediate_window,
+        )
 
     def analysis(self) -> AnalysisSettings:
         """The tracker's timing knobs, derived from these settings."""
@@ -334,6 +374,11 @@ def agent_config(values: Mapping[str, Any]) -> AgentConfig:
         load(config.web_config_file)  # the whole file checked before anything starts
     if config.push_timeout > config.push_interval:
         raise ConfigError("--push-timeout must be at most --push-interval")
+    if config.remediate_max_per_slot > config.remediate_max_per_host:
+        raise ConfigError(
+            f"--remediate.max-per-slot ({config.remediate_max_per_slot}) must be at most "
+            f"--remediate.max-per-host ({config.remediate_max_per_host})"
+        )
     if config.push_timeout > 10:
         # Shutdown waits for one push and one delete: Heroku kills 30 s after SIGTERM.
         raise ConfigError("--push-timeout must be at most 10 seconds (shutdown waits for it)")

@@ -215,3 +215,24 @@ class Discovery:
         and look its pid up afresh if it appears again (pid reuse)."""
         self._refs.pop(pid, None)
         self._eager = 5
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who holds a pid right now: what remediation checks before each signal."""
+
+    pid: int
+    create_time: float
+    ppid: int
+    zombie: bool  # exited, not yet reaped by its parent
+
+
+def identify(pid: int) -> Identity | None:
+    """The process holding `pid` now, or None when there is none."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            return Identity(pid, proc.create_time(), proc.ppid(),
+                            proc.status() == psutil.STATUS_ZOMBIE)  # fmt: skip
+    except psutil.NoSuchProcess:
+        return None

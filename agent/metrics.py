@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.analysis import request_capacity
+from agent.remediation import COMBINATIONS as REMEDIATIONS
 from agent.types import CycleReport, ThreadState, WorkerState
 
 PREFIX = "deadlock_agent"
@@ -229,6 +230,16 @@ class AgentCollector(Collector):
             "py-spy dumps put off to a later cycle by --max-dumps-per-minute.",
             value=r.dumps_deferred,
         )
+        remediations = CounterMetricFamily(
+            f"{PREFIX}_remediations",
+            "Remediation of deadlocked workers (--remediate), by action (abort: SIGABRT, kill: "
+            "SIGKILL) and result (done, dry_run, rate_limited, gone, identity_changed, refused, "
+            "failed).",
+            labels=["action", "result"],
+        )
+        for action, result in REMEDIATIONS:
+            remediations.add_metric([action, result], r.remediations.get((action, result), 0))
+        yield remediations
         yield GaugeMetricFamily(
             f"{PREFIX}_progress_resolution_seconds",
             "How finely thread progress (on-CPU time) is measured: 1e-09 with schedstat, one "

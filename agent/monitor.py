@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from agent import locks, procfs
@@ -26,15 +27,19 @@ from agent.errors import (
     PtraceDenied,
 )
 from agent.incidents import IncidentStore
+from agent.remediation import Action, Remediator, Step, Verdict
 from agent.render import incident_record, incident_text
 from agent.sampler import Sampler
+from agent.signaller import Signaller
 from agent.types import (
     CycleReport,
     DumpKind,
     Incident,
     ProcSample,
+    RemediationEvent,
     StackSnapshot,
     WorkerRef,
+    WorkerReport,
 )
 from agent.versions import Versions
 
@@ -70,6 +75,8 @@ class ProcSource(Protocol):
 
 
 IncidentListener = Callable[[Incident], None]
+#: Told of each remediation event, with the incident as it now stands (the Slack follow-up).
+RemediationListener = Callable[[Incident, RemediationEvent], None]
 
 #: deadlock_agent_samples_total{method} of a dump not taken by blocking py-spy.
 METHOD_OF_SOURCE = {
@@ -91,6 +98,23 @@ def log_incident(incident: Incident) -> None:
         log.warning("%s", incident_text(incident))
 
 
+def log_remediation(step: Step, event: RemediationEvent, worker: WorkerRef) -> None:
+    """One line per remediation action: what was (or would be) sent, to whom, or why not."""
+    what = (f"pid {worker.pid} (create_time {worker.create_time:.2f}, master "
+            f"{worker.master_pid}, signature {step.signature}, incident {step.incident_id}, "
+            f"deadlocked {step.deadlocked_for:.0f}s)")  # fmt: skip
+    signal = "SIGABRT" if step.action is Action.ABORT else "SIGKILL"
+    if event.result == "dry_run":
+        log.warning("remediation dry-run: would send %s to %s", signal, what)
+    elif event.result == "done":
+        log.warning("remediation: sent %s to %s", signal, what)
+    elif event.result == "gone" and step.action is Action.KILL:
+        log.warning("remediation: no SIGKILL needed, %s exited after SIGABRT", what)
+    else:
+        log.warning("remediation: not sending %s to %s: %s (%s)", signal, what,
+                    event.result, event.detail)  # fmt: skip
+
+
 class Monitor:
     """Runs cycles and publishes the last CycleReport for the metrics and health endpoints."""
 
@@ -107,6 +131,9 @@ class Monitor:
         listeners: Sequence[IncidentListener] = (log_incident,),
         incidents: IncidentBook | None = None,
         store: IncidentStore | None = None,
+        remediator: Remediator | None = None,
+        signaller: Signaller | None = None,
+        remediation_listeners: Sequence[RemediationListener] = (),
     ) -> None:
         self.workers = workers
         if (stacks is None) == (sampler is None):
@@ -126,6 +153,12 @@ class Monitor:
         self.listeners = list(listeners)
         self.incidents = incidents if incidents is not None else IncidentBook()
         self.store = store
+        self.remediator = remediator
+        self.signaller = signaller if signaller is not None else Signaller()
+        self.remediation_listeners = list(remediation_listeners)
+        # Resolved incidents whose SIGKILL follow-up is still to come, by id: its outcome is
+        # added to their record too.
+        self._awaiting: dict[str, Incident] = {}
         self.last_report: CycleReport | None = None
         self._samples: Counter[str] = Counter()
         self._seconds: dict[str, float] = {}
@@ -204,6 +237,12 @@ class Monitor:
         for incident in resolved:
             self._keep_evidence(incident, None)
             self._notify(incident)
+            if self.remediator is not None and self.remediator.pending(incident.id):
+                self._awaiting[incident.id] = incident
+        if self.remediator is not None:
+            # After judge and incidents: an incident's evidence is stored (at its opening,
+            # above) before any signal, and the grace is measured on this cycle's clock.
+            self._remediate(masters, refs, reports, now)
         report = CycleReport(
             finished_at=now,
             duration=time.perf_counter() - started,
@@ -221,9 +260,55 @@ class Monitor:
             progress_resolution_ns=1 if self.scanner.precise else procfs.NS_PER_TICK,
             cycle_cpu=time.thread_time() - cpu_started,
             dumps_deferred=self.tracker.deferred,
+            remediations=dict(self.remediator.counts) if self.remediator is not None else {},
         )
         self.last_report = report  # one reference swap: readers never see half a report
         return report
+
+    def _remediate(
+        self,
+        masters: tuple[int, ...],
+        refs: tuple[WorkerRef, ...],
+        reports: Sequence[WorkerReport],
+        now: float,
+    ) -> None:
+        """Review deadlocked workers; send (or describe) what the policy says is due."""
+        assert self.remediator is not None  # noqa: S101 - only called with one
+        steps = self.remediator.review(
+            now=now, masters=masters, workers=refs, reports=reports, incidents=self.incidents.open
+        )
+        for step in steps:
+            if step.verdict is not Verdict.GO:
+                result, detail = step.verdict.value, step.reason
+            elif self.remediator.dry_run:
+                result, detail = "dry_run", ""
+            else:
+                # Identity (pid, create_time, parent) checked right before this very signal.
+                result, detail = self.signaller.send(step.worker, step.action, masters)
+            event = self.remediator.record(step, result, now, detail)
+            log_remediation(step, event, step.worker)
+            incident = self._note(step.incident_id, event)
+            if incident is None:
+                continue
+            self._keep_evidence(incident, None)  # rewrite: the record says what was done
+            for listener in self.remediation_listeners:
+                try:
+                    listener(incident, event)
+                except Exception:
+                    log.exception("remediation listener %r failed", listener)
+
+    def _note(self, incident_id: str, event: RemediationEvent) -> Incident | None:
+        """The incident with the event added: open in the book, or resolved but awaited."""
+        updated = self.incidents.note(incident_id, event)
+        if updated is None:
+            resolved = self._awaiting.pop(incident_id, None)
+            if resolved is None:
+                return None
+            updated = replace(resolved, remediation=(*resolved.remediation, event))
+        assert self.remediator is not None  # noqa: S101
+        if updated.resolved_at is not None and self.remediator.pending(incident_id):
+            self._awaiting[incident_id] = updated
+        return updated
 
     def _forget(self, ref: WorkerRef) -> None:
         self.tracker.forget(ref)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from agent.types import Incident, ThreadReport, ThreadStack, WorkerState
+from agent.types import Incident, RemediationEvent, ThreadReport, ThreadStack, WorkerState
 
 TOP_FRAMES = 6
 
@@ -28,6 +29,15 @@ def _thread(role: str, thread: ThreadReport) -> dict[str, Any]:
     }
 
 
+def remediation_line(event: RemediationEvent) -> str:
+    """One remediation event for people: "SIGABRT sent to pid 42 at 2026-01-02T03:04:05Z"."""
+    return f"{event.describe()} at {_iso(event.at)}"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def incident_record(incident: Incident) -> dict[str, Any]:
     """The one structured log line per incident, as a dict (JSON-ready)."""
     kind = {
@@ -47,7 +57,12 @@ def incident_record(incident: Incident) -> dict[str, Any]:
         "remedy": incident.remedy,
         "references": list(incident.references),
         "sampled_by": list(incident.sampled_by),
-    }
+        "remediation": [
+            {"action": e.action, "signal": e.signal, "result": e.result, "pid": e.pid,
+             "at": round(e.at, 3), "detail": e.detail, "text": remediation_line(e)}
+            for e in incident.remediation
+        ],
+    }  # fmt: skip
 
 
 def incident_text(incident: Incident) -> str:
@@ -71,6 +86,7 @@ def incident_text(incident: Incident) -> str:
         lines.extend(f"      {frame}" for frame in top_frames(thread.stack))
     if incident.blind_spot is not None:
         lines.append(f"  Note: {incident.blind_spot}")
+    lines.extend(f"  Remediation: {remediation_line(e)}" for e in incident.remediation)
     lines.append(f"  Remedy: {incident.remedy}")
     lines.extend(f"  See: {url}" for url in incident.references)
     return "\n".join(lines)

@@ -20,6 +20,8 @@ from agent.monitor import IncidentListener, Monitor, log_incident
 from agent.procfs import Scanner
 from agent.push import Pusher
 from agent.pyspy import PySpy
+from agent.remediation import Mode as RemediationMode
+from agent.remediation import Remediator
 from agent.sampler import Mode, Sampler
 from agent.server import AgentApp, HttpServer
 from agent.signatures import load_catalog
@@ -74,6 +76,16 @@ class Agent:
             )
         else:
             notifier = LogNotifier(host=host, public_url=config.external_url)
+        remediation = config.remediation()
+        remediator = None
+        if remediation.mode is not RemediationMode.OFF:
+            remediator = Remediator(remediation)
+            log.warning(
+                "remediation %s: deadlocked workers get SIGABRT after %gs, SIGKILL %gs later "
+                "if still alive; at most %d per worker slot and %d on this host per %gs",
+                remediation.mode, remediation.grace, remediation.abort_wait,
+                remediation.max_per_slot, remediation.max_per_host, remediation.window,
+            )  # fmt: skip
         monitor = Monitor(
             workers=Discovery(master_pid=config.master_pid, pidfile=config.pidfile),
             sampler=sampler,
@@ -82,6 +94,8 @@ class Agent:
             listeners=(*listeners, notifier),
             incidents=IncidentBook(stuck_incident_after=config.stuck_incident_after),
             store=store,
+            remediator=remediator,
+            remediation_listeners=(notifier.remediated,),
         )
         registry = CollectorRegistry()
         pusher = None

@@ -19,8 +19,8 @@ from typing import Any
 
 import requests
 
-from agent.render import top_frames
-from agent.types import Incident, ThreadReport
+from agent.render import remediation_line, top_frames
+from agent.types import Incident, RemediationEvent, ThreadReport
 
 log = logging.getLogger(__name__)
 # urllib3 logs each request line ("POST /services/T…/B…/secret HTTP/1.1") at DEBUG: the
@@ -106,6 +106,27 @@ def slack_payload(
     return {"text": text, "blocks": blocks[:50]}
 
 
+def remediation_payload(
+    incident: Incident, event: RemediationEvent, *, host: str, public_url: str | None = None
+) -> dict[str, Any]:
+    """The follow-up message when remediation acts on an incident's worker (or would, or may
+    not). Pure."""
+    icon = {"done": ":hammer:", "dry_run": ":memo:", "gone": ":white_check_mark:"}.get(
+        event.result, ":warning:"
+    )
+    text = (f"{icon} Remediation of {incident.signature_name} on {_where(host, incident)}: "
+            f"{remediation_line(event)}")  # fmt: skip
+    link = f"{public_url.rstrip('/')}/incidents/{incident.id}" if public_url else None
+    context = f"incident `{incident.id}`" + (f" · <{link}|details>" if link else "")
+    return {
+        "text": _clip(text, SECTION_MAX),
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": _clip(text, SECTION_MAX)}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": context}]},
+        ],
+    }
+
+
 class Notifications:
     """Outcome counts by (channel, result), read by the metrics collector at scrape time."""
 
@@ -136,6 +157,12 @@ class LogNotifier:
     def __call__(self, incident: Incident) -> None:
         """Log the message an incident would send."""
         payload = slack_payload(incident, host=self.host, public_url=self.public_url)
+        log.warning("notification (no SLACK_WEBHOOK_URL set): %s", payload["text"])
+        self.stats.count("sent")
+
+    def remediated(self, incident: Incident, event: RemediationEvent) -> None:
+        """Log the follow-up a remediation event would send."""
+        payload = remediation_payload(incident, event, host=self.host, public_url=self.public_url)
         log.warning("notification (no SLACK_WEBHOOK_URL set): %s", payload["text"])
         self.stats.count("sent")
 
@@ -180,7 +207,15 @@ class SlackNotifier:
 
     def __call__(self, incident: Incident) -> None:
         """Queue the incident's message; never blocks. A full queue drops it, counted."""
-        payload = slack_payload(incident, host=self.host, public_url=self.public_url)
+        self._enqueue(slack_payload(incident, host=self.host, public_url=self.public_url))
+
+    def remediated(self, incident: Incident, event: RemediationEvent) -> None:
+        """Queue the follow-up for a remediation event, after the incident's own message."""
+        self._enqueue(
+            remediation_payload(incident, event, host=self.host, public_url=self.public_url)
+        )
+
+    def _enqueue(self, payload: dict[str, Any]) -> None:
         try:
             self._queue.put_nowait(payload)
         except queue.Full:

@@ -223,6 +223,39 @@ STUCK_REMEDY = (
 
 
 @dataclass(frozen=True)
+class RemediationEvent:
+    """One thing remediation did (or would do, or refused to do) to an incident's worker.
+
+    `action`: "abort" (SIGABRT) or "kill" (SIGKILL); `result`: one of
+    agent.remediation.RESULTS ("done", "dry_run", "rate_limited", ...); `detail`: why, in words.
+    """
+
+    action: str
+    result: str
+    at: float
+    pid: int
+    detail: str = ""
+
+    @property
+    def signal(self) -> str:
+        """The signal's name: SIGABRT or SIGKILL."""
+        return "SIGABRT" if self.action == "abort" else "SIGKILL"
+
+    def describe(self) -> str:
+        """One line: "SIGABRT sent to pid 42", "dry-run: would send SIGKILL to pid 42", ..."""
+        what = {
+            "done": f"{self.signal} sent to pid {self.pid}",
+            "dry_run": f"dry-run: would send {self.signal} to pid {self.pid}",
+            "rate_limited": f"not killed: pid {self.pid}",
+            "gone": f"no {self.signal} needed: pid {self.pid} had already exited",
+            "identity_changed": f"{self.signal} refused: pid {self.pid} is another process now",
+            "refused": f"{self.signal} refused for pid {self.pid}",
+            "failed": f"{self.signal} to pid {self.pid} failed",
+        }.get(self.result, f"{self.signal} to pid {self.pid}: {self.result}")
+        return f"{what} ({self.detail})" if self.detail else what
+
+
+@dataclass(frozen=True)
 class Incident:
     """One hang of one worker, from first detection until it recovers or dies: a deadlock
     (a signature matched) or a worker stuck past the longer incident threshold."""
@@ -234,6 +267,8 @@ class Incident:
     first_seen: float
     threads: tuple[tuple[str, ThreadReport], ...]  # (role, thread); role "stuck" when unsigned
     resolved_at: float | None = None
+    # What remediation did about it, in order (empty unless --remediate is dry-run or kill).
+    remediation: tuple[RemediationEvent, ...] = ()
 
     @property
     def signature_name(self) -> str:
@@ -311,3 +346,5 @@ class CycleReport:
     progress_resolution_ns: int = 1
     cycle_cpu: float = 0.0  # CPU seconds the sampling thread spent on this cycle
     dumps_deferred: int = 0  # dumps the per-minute budget has put off, since start
+    # Remediation outcomes since start, by (action, result): deadlock_agent_remediations_total.
+    remediations: Mapping[tuple[str, str], int] = field(default_factory=dict)

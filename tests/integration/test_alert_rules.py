@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from agent.monitor import SAMPLE_ERROR_REASONS
+from agent.remediation import RESULTS as REMEDIATION_RESULTS
+from agent.remediation import Action
 from agent.types import ThreadState, WorkerState
 
 pytestmark = pytest.mark.integration
@@ -54,6 +56,7 @@ EXPORTED = {
     "deadlock_agent_cycle_duration_seconds",
     "deadlock_agent_build_info",
     "deadlock_agent_notifications_total",
+    "deadlock_agent_remediations_total",
 }
 # ... plus what Prometheus itself records for every target, and the Pushgateway for every group.
 SYNTHETIC = {"up", "push_time_seconds"}
@@ -62,7 +65,8 @@ LABEL_VALUES = {
     "state": {*(s.value for s in WorkerState), *(s.value for s in ThreadState)},
     "method": {"proc", "pyspy", "pyspy_native"},
     "channel": {"slack", "log"},
-    "result": {"sent", "retried", "failed", "dropped"},
+    "result": {"sent", "retried", "failed", "dropped", *REMEDIATION_RESULTS},
+    "action": {a.value for a in Action},
     "reason": set(SAMPLE_ERROR_REASONS),
 }  # fmt: skip
 

@@ -50,6 +50,12 @@ ENV_NAMES = {
     "--push-interval": "DEADLOCK_AGENT_PUSH_INTERVAL",
     "--push-timeout": "DEADLOCK_AGENT_PUSH_TIMEOUT",
     "--l2met": "DEADLOCK_AGENT_L2MET",
+    "--remediate": "DEADLOCK_AGENT_REMEDIATE",
+    "--remediate.grace": "DEADLOCK_AGENT_REMEDIATE_GRACE",
+    "--remediate.abort-wait": "DEADLOCK_AGENT_REMEDIATE_ABORT_WAIT",
+    "--remediate.max-per-slot": "DEADLOCK_AGENT_REMEDIATE_MAX_PER_SLOT",
+    "--remediate.max-per-host": "DEADLOCK_AGENT_REMEDIATE_MAX_PER_HOST",
+    "--remediate.window": "DEADLOCK_AGENT_REMEDIATE_WINDOW",
     "--duration": "DEADLOCK_AGENT_DURATION",
     "--fault-after": "DEADLOCK_AGENT_FAULT_AFTER",
 }
@@ -82,6 +88,12 @@ DEFAULTS = {
     "push_interval": 15.0,
     "push_timeout": 3.0,
     "l2met": False,
+    "remediate": "off",
+    "remediate_grace": 30.0,
+    "remediate_abort_wait": 5.0,
+    "remediate_max_per_slot": 3,
+    "remediate_max_per_host": 10,
+    "remediate_window": 3600.0,
 }
 
 
@@ -137,6 +149,9 @@ PRECEDENCE = [
     ("--pidfile", "/run/a.pid", "/run/b.pid", "pidfile", "/run/a.pid", "/run/b.pid"),
     ("--web.listen-address", ":9100", "0.0.0.0:9200", "listen_address", ":9100", "0.0.0.0:9200"),
     ("--log-level", "debug", "warning", "log_level", "DEBUG", "WARNING"),
+    ("--remediate", "dry-run", "Kill", "remediate", "dry-run", "kill"),
+    ("--remediate.grace", "5", "60", "remediate_grace", 5.0, 60.0),
+    ("--remediate.max-per-slot", "1", "2", "remediate_max_per_slot", 1, 2),
 ]
 
 
@@ -226,6 +241,13 @@ BAD_VALUES = [
     ("--log-level", "critical"),
     ("--push-interval", "0"),
     ("--push-timeout", "-1"),
+    ("--remediate", "yes"),
+    ("--remediate", "dryrun"),
+    ("--remediate.grace", "0"),
+    ("--remediate.abort-wait", "-5"),
+    ("--remediate.max-per-slot", "0"),
+    ("--remediate.max-per-host", "2.5"),
+    ("--remediate.window", "an hour"),
 ]
 
 
@@ -277,6 +299,8 @@ CROSS_CHECKS = [
     (("--interval=1", "--stuck-after=1.9"), {}, ("--stuck-after", "--interval")),
     (("--interval=5", "--stuck-after=9"), {}, ("--stuck-after", "--interval")),
     (("--interval=2", "--dump-interval=1.5"), {}, ("--dump-interval", "--interval")),
+    (("--remediate.max-per-slot=5", "--remediate.max-per-host=4"), {},
+     ("--remediate.max-per-slot", "--remediate.max-per-host")),
 ]
 
 
@@ -284,7 +308,8 @@ CROSS_CHECKS = [
     ("argv", "env", "words"),
     CROSS_CHECKS,
     ids=["master-pid-and-pidfile", "master-pid-env-and-pidfile", "stuck-after-below-2x",
-         "stuck-after-below-2x-scaled", "dump-interval-below-interval"],
+         "stuck-after-below-2x-scaled", "dump-interval-below-interval",
+         "remediate-slot-above-host"],
 )  # fmt: skip
 def test_cross_checks(argv: tuple[str, ...], env: dict[str, str], words: tuple[str, ...]) -> None:
     values = watch_values(*argv, env=env)  # each value is fine on its own
@@ -302,6 +327,18 @@ def test_cross_checks(argv: tuple[str, ...], env: dict[str, str], words: tuple[s
 )  # fmt: skip
 def test_cross_check_boundaries_are_accepted(argv: tuple[str, ...]) -> None:
     config_of(*argv)
+
+
+def test_remediation_settings_are_derived() -> None:
+    from agent.remediation import Mode, RemediationSettings
+
+    assert config_of().remediation() == RemediationSettings(mode=Mode.OFF)
+    config = config_of("--remediate=kill", "--remediate.grace=2", "--remediate.abort-wait=1",
+                       "--remediate.max-per-slot=1", "--remediate.max-per-host=1",
+                       env={"DEADLOCK_AGENT_REMEDIATE_WINDOW": "600"})  # fmt: skip
+    assert config.remediation() == RemediationSettings(
+        mode=Mode.KILL, grace=2.0, abort_wait=1.0, max_per_slot=1, max_per_host=1, window=600.0
+    )
 
 
 def test_stale_after_and_analysis_are_derived() -> None:

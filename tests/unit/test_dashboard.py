@@ -327,6 +327,8 @@ REQUIRED = {
     "cycle duration": Required(r"\bdeadlock_agent_cycle_duration_seconds\{", "s"),
     "notifications": Required(
         r"\brate\(deadlock_agent_notifications_total\{", "ops", ("channel", "result")),
+    "remediations by action and result": Required(
+        r"\bincrease\(deadlock_agent_remediations_total\{", "short", ("action", "result")),
     "last sample age": Required(
         r"\btime\(\) - deadlock_agent_last_sample_timestamp_seconds\{", "s"),
 }  # fmt: skip

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from builders import FIXTURES
+from builders import FIXTURES, activity, proc
 
 from agent.analysis import AnalysisSettings, Tracker
 from agent.monitor import Monitor
 from agent.pyspy import PySpy
 from agent.signatures import load_catalog
-from agent.types import WorkerRef
+from agent.types import DumpKind, WorkerRef
 
 IDLE = json.loads((FIXTURES / "idle_gthread.python.json").read_text())
 MAIN_TID = 2655
@@ -187,3 +187,18 @@ def test_a_settled_worker_is_skipped_until_a_thread_leaves_its_idle_point(tmp_pa
     for second in range(8, 12):
         tick(second)
     assert runner.dumps[1:] == [10.0], runner.dumps  # quiet for suspect_after: dumped
+
+
+def test_a_long_lived_worker_never_dumped_is_a_suspect_not_a_first_look() -> None:
+    """A respawned worker that hangs again at once: its threads block before any dump saw
+    them. Once it has lived stuck_after, its first look is as urgent as a suspect's, so a
+    budget spent on the first deadlocks does not hide the second for a minute; a young worker
+    (churn) still waits behind the share kept for suspects."""
+    settings = AnalysisSettings(stuck_after=5, suspect_after=2, max_dumps_per_minute=12)
+    tracker = Tracker(load_catalog(), settings)
+    worker = WorkerRef(pid=300, create_time=1.0, master_pid=1)
+    tracker.retain([worker])
+    tracker.observe_proc(proc(activity(tid=300, cpu_ns=5_000_000, runs=9), at=0.0, worker=worker))
+    tracker._dumped_at.extend([0.0] * 9)  # 9 of 12 spent: less than the share kept for suspects
+    assert tracker.plan(3.0) == []  # quiet 3 s, lived 3 s: a first look, deferred
+    assert tracker.plan(6.0) == [(worker, DumpKind.PYTHON)]  # lived 6 s >= stuck_after: urgent
