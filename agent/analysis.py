@@ -75,6 +75,9 @@ POLL_MIN_RATE = 8.0
 HOT_SHARE = 0.5
 #: Ticks of noise allowed at clock-tick resolution (ptrace stops are charged as system time).
 CPU_NOISE_TICKS = 2
+#: What a blocked write(2)/writev/sendto/sendmsg's fd may be for the worker to be spared
+#: re-dumps: a ptrace stop can cut a blocked pipe write short (research fact 6; sockets alike).
+WRITE_FD_KINDS = frozenset({"pipe", "socket"})
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,17 @@ class _ThreadTrack:
         return point is not None and point == self.dumped_point
 
     @property
+    def write_seen(self) -> bool:
+        """Blocked writing to a pipe or socket, where a dump has already seen it: another dump
+        could cut that write short (ARCHITECTURE.md, "Side effects of our own dumps")."""
+        return (
+            self.activity.fd_kind in WRITE_FD_KINDS
+            and self.stack_at > -math.inf
+            and self.current
+            and self.activity.state != "R"
+        )
+
+    @property
     def held(self) -> bool:
         """Woken since the last dump (e.g. by someone's ptrace) without progress, and not
         provably where it was: stuck/role verdicts hold until a dump re-checks."""
@@ -180,6 +194,7 @@ class _WorkerTrack:
     want_native: bool = False  # a thread just became stuck: refresh every stack, natively
     report: WorkerReport | None = None  # the last verdict, reused while it still holds
     native_works: bool = True  # False once py-spy could not unwind it (gevent's greenlets)
+    dumpable: bool = True  # False once py-spy found no Python in it (a non-Python child)
     # Until when time alone changes nothing about this worker's verdict or its plan: while no
     # scan or dump brings news (dirty), plan and judge skip it, so an idle worker, or one whose
     # threads serve and go back to where they were dumped, costs its scan and nothing more.
@@ -251,6 +266,13 @@ class Tracker:
             track.native_works = False
             track.want_native = False
             track.dirty = True
+
+    def no_stacks(self, worker: WorkerRef) -> None:
+        """py-spy found no Python in this process: plan no dumps of it (its threads are shown
+        from /proc, never stuck)."""
+        track = self._workers.get(worker)
+        if track is not None:
+            track.dumpable = False
 
     def lock_suspects(self) -> list[WorkerRef]:
         """Workers with a thread stuck in a futex wait: their native mutexes are worth reading
@@ -430,8 +452,14 @@ class Tracker:
         s = self.settings
         wanted: list[tuple[int, float, WorkerRef, DumpKind]] = []
         for ref, track in self._workers.items():
-            if track.calm(now):
-                continue  # no news, and nothing comes due yet
+            if track.calm(now) or not track.dumpable:
+                continue  # no news, and nothing comes due yet (or no dump can work)
+            if any(t.write_seen for t in track.threads.values()):
+                # A thread blocked writing to a pipe or socket, and a dump has seen it there:
+                # its stack is known while it stays, and every further dump could cut its
+                # write short. No re-check, native refresh or refresh while it sits there
+                # (the incident's evidence dump is the Monitor's, one per incident).
+                continue
             threads = track.threads.values()
             quiet = [t for t in threads if t.quiet(now) >= s.suspect_after]
             watched = track.stuck_tids | track.role_tids
@@ -500,7 +528,8 @@ class Tracker:
         urgent = sum(1 for w in wanted if w[0] <= 1)
         reserve = s.max_dumps_per_minute // 3
         rest = max(0, min(room - urgent - reserve, per_cycle - urgent))
-        take = min(room, urgent + rest)
+        # Never more than are wanted: the budget counts dumps that will run, not the share.
+        take = min(room, urgent + rest, len(wanted))
         self.deferred += max(0, len(wanted) - take)
         # Counted when planned, not when done: a dump of a worker that exited meanwhile still
         # ran py-spy. (An incident's evidence dump is not planned: one per incident.)

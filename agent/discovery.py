@@ -72,9 +72,66 @@ def find_masters(processes: Iterable[ProcInfo]) -> list[int]:
     return masters
 
 
+def _is_worker(
+    cmdline: tuple[str, ...], exe: str | None, master: tuple[str, ...], master_exe: str | None
+) -> bool:
+    """Whether a child of the master is worth watching as a worker: a fork of the master (its
+    very command line, or a setproctitle'd "gunicorn: worker [app]"), or any child running the
+    master's own executable (its interpreter: py-spy can read it). A child running another
+    program (`sleep`, a shell, a Node helper a server hook spawned) is not; nor is a zombie (no
+    command line). Unknown executables (access denied) count as workers: py-spy will say."""
+    if not cmdline:
+        return False
+    if cmdline == master or cmdline[0].startswith("gunicorn: worker") or (
+        cmdline[0].startswith("gunicorn:") and len(cmdline) > 1 and cmdline[1] == "worker"
+    ):
+        return True
+    return exe is None or master_exe is None or exe == master_exe
+
+
+def _exe(proc: psutil.Process) -> str | None:
+    """The process's executable, None when it cannot be read (another uid, gone mid-read)."""
+    try:
+        return proc.exe() or None
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
 def _titled(proc: ProcInfo, role: str) -> bool:
     # gunicorn renames its processes "gunicorn: master [app]" when setproctitle is installed.
     return bool(proc.cmdline) and proc.cmdline[0].startswith(f"gunicorn: {role}")
+
+
+#: How far apart two readings of one process's start time may be: psutil derives it from the
+#: boot time, which the kernel moves when the clock is stepped (NTP); a pid reused by another
+#: process within a second of the old one's start is not a case worth a false "alive".
+SAME_START = 1.0
+
+
+def running(worker: WorkerRef, *, proc_root: str = procfs.DEFAULT_PROC) -> bool:
+    """Whether the worker still runs: its pid alive, not a zombie or exiting, and the same
+    process (same start time: pids are reused). Unknown (access denied) counts as running."""
+    try:
+        proc = psutil.Process(worker.pid)
+        with proc.oneshot():
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return False
+            if abs(proc.create_time() - worker.create_time) >= SAME_START:
+                return False
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    # An exiting process has released its memory, and with it /proc/PID/exe, before it is a
+    # zombie: py-spy says "No such file or directory" about it then (measured under
+    # --max-requests churn), and so does this link. A live worker's link reads.
+    try:
+        Path(f"{proc_root}/{worker.pid}/exe").readlink()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # EACCES: another uid without ptrace rights; cannot tell
+    return True
 
 
 def read_pidfile(path: str) -> int:
@@ -117,13 +174,19 @@ class Discovery:
         self._masters: list[psutil.Process] = []
         self._cycles = 0
         self._refs: dict[int, WorkerRef] = {}
+        # Children of a master that are no gunicorn worker (a helper a server hook or the app
+        # spawned): pid -> start time, so each is looked at once. Pruned to the live children
+        # at each listing, like _refs: under churn neither may keep a dead pid.
+        self._others: dict[int, float] = {}
+        self._missing: str | None = None  # why no master was found, as last logged
+        self._rescans = 0  # listings left that re-scan for masters (one just went)
 
     def _pinned(self) -> int | None:
         if self.pidfile is not None:
             try:
                 return read_pidfile(self.pidfile)
             except ConfigError as err:
-                log.warning("%s; gunicorn may be (re)starting", err)
+                self._say_missing(f"{err}; gunicorn may be (re)starting")
                 return None
         return self.master_pid
 
@@ -135,7 +198,7 @@ class Discovery:
             try:
                 return [psutil.Process(pinned)]
             except psutil.NoSuchProcess:
-                log.warning("gunicorn master pid %s is not running", pinned)
+                self._say_missing(f"gunicorn master pid {pinned} is not running")
                 return []
         infos = []
         for proc in psutil.process_iter(["pid", "ppid", "create_time", "cmdline"]):
@@ -156,19 +219,33 @@ class Discovery:
                 continue
         return found
 
+    def _say_missing(self, why: str) -> None:
+        # Once per cause, not every cycle: the pidfile is re-read every cycle while it is absent.
+        if why != self._missing:
+            log.warning("%s", why)
+            self._missing = why
+
     def masters(self) -> list[psutil.Process]:
         """Live masters; re-scanned every `rescan_every` cycles, or at once when one died."""
         alive = [m for m in self._masters if m.is_running()]  # compares create_time: pid reuse
+        if len(alive) != len(self._masters):
+            # A master went: its replacement (a restart, a new deploy) is coming. Look for it
+            # at the next listings, not only at the next periodic re-scan.
+            self._rescans = self.rescan_every
+            self._eager = max(self._eager, self.rescan_every)
         if (
-            len(alive) != len(self._masters)
+            self._rescans > 0
             or not alive
             or self._cycles % self.rescan_every == 0
             or self.pidfile is not None
         ):
             alive = self._scan()
         self._cycles += 1
+        self._rescans = max(0, self._rescans - 1)
         if [m.pid for m in alive] != [m.pid for m in self._masters]:
             log.info("gunicorn masters: %s", [m.pid for m in alive] or "none found")
+        if alive:
+            self._missing = None
         self._masters = alive
         return alive
 
@@ -188,6 +265,7 @@ class Discovery:
 
     def _list(self) -> tuple[tuple[int, ...], tuple[WorkerRef, ...]]:
         refs = []
+        others: dict[int, float] = {}
         masters = self.masters()
         for master in masters:
             pids = procfs.children(master.pid)
@@ -196,18 +274,41 @@ class Discovery:
                     pids = [kid.pid for kid in master.children(recursive=False)]
             except psutil.NoSuchProcess:
                 continue
+            try:
+                command = tuple(master.cmdline())
+                executable = _exe(master)
+            except psutil.NoSuchProcess:
+                continue
+            except psutil.AccessDenied:
+                command, executable = (), None
             for pid in pids:
                 # A worker's start time is read once: the same pid under the same master is the
                 # same worker until it is reported gone (forget), which the sampler notices
                 # first (its /proc files held open fail once the process exits).
                 ref = self._refs.get(pid)
-                if ref is None or ref.master_pid != master.pid:
-                    try:
-                        ref = WorkerRef(pid, psutil.Process(pid).create_time(), master.pid)
-                    except psutil.NoSuchProcess:
-                        continue
-                refs.append(ref)
+                if ref is not None and ref.master_pid == master.pid:
+                    refs.append(ref)
+                    continue
+                if pid in self._others:
+                    others[pid] = self._others[pid]
+                    continue
+                try:
+                    kid = psutil.Process(pid)
+                    with kid.oneshot():
+                        started = kid.create_time()
+                        worker = _is_worker(tuple(kid.cmdline()), _exe(kid), command, executable)
+                except psutil.NoSuchProcess:
+                    continue
+                except psutil.AccessDenied:
+                    worker = True  # cannot tell: watch it (py-spy will say)
+                if worker:
+                    refs.append(WorkerRef(pid, started, master.pid))
+                else:
+                    log.info("pid %s, a child of gunicorn master %s, is no gunicorn worker "
+                             "(another program); not watched", pid, master.pid)  # fmt: skip
+                    others[pid] = started
         self._refs = {ref.pid: ref for ref in refs}
+        self._others = others
         return tuple(m.pid for m in masters), tuple(sorted(refs))
 
     def forget(self, pid: int) -> None:

@@ -85,6 +85,23 @@ class NativeUnwindFailed(PySpyFailed):
     reason = "native_unwind"
 
 
+class PySpyStopped(PySpyTimeout):
+    """py-spy was cut short because the agent is stopping (SIGTERM): not a timeout of its own."""
+
+    reason = "stopped"
+
+
+class NotPython(PySpyFailed):
+    """py-spy found no Python interpreter in the process: a non-Python child of the master
+    (a helper the app or a server hook spawned), or a py-spy too old for this Python."""
+
+    reason = "not_python"
+    help = (
+        "a gunicorn worker runs Python: a non-Python child of the master is not watched; if "
+        "every worker says this, py-spy is too old for this Python (0.4.0 or later reads 3.11)"
+    )
+
+
 class PySpyBadOutput(AgentError):
     """py-spy printed something that is not the JSON we expect."""
 
@@ -146,7 +163,9 @@ ERROR_REASONS: tuple[str, ...] = tuple(
                 PtraceDenied,
                 PySpyMissing,
                 PySpyTimeout,
+                PySpyStopped,
                 PySpyFailed,
+                NotPython,
                 NativeUnwindFailed,
                 PySpyBadOutput,
                 ProcReadError,

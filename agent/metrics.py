@@ -19,6 +19,37 @@ from agent.types import CycleReport, ThreadState, WorkerState
 
 PREFIX = "deadlock_agent"
 SAMPLE_METHODS = ("proc", "pyspy", "pyspy_native", "pyspy_nonblocking", "probe")
+#: Why deadlock_agent_up is 0: no cycle finished yet, no gunicorn master found, or a worker
+#: could not be sampled in the last cycle (sample_errors_total{reason} says why).
+DOWN_REASONS = ("starting", "no_master", "sample_errors")
+
+
+def down_reason(report: CycleReport | None) -> str | None:
+    """Why the agent is not up (one of DOWN_REASONS), or None when it is."""
+    if report is None:
+        return "starting"
+    if not report.masters:
+        return "no_master"
+    if not report.complete:
+        return "sample_errors"
+    return None
+
+
+def _up_families(report: CycleReport | None) -> Iterator[Metric]:
+    reason = down_reason(report)
+    yield GaugeMetricFamily(
+        f"{PREFIX}_up",
+        "1 when the last cycle found a gunicorn master and sampled every worker it found.",
+        value=0 if reason else 1,
+    )
+    down = GaugeMetricFamily(
+        f"{PREFIX}_down_reason",
+        "1 for why deadlock_agent_up is 0 (starting, no_master, sample_errors); all 0 when up.",
+        labels=["reason"],
+    )
+    for name in DOWN_REASONS:
+        down.add_metric([name], 1 if name == reason else 0)
+    yield down
 
 
 def own_cpu() -> dict[str, float]:
@@ -75,10 +106,8 @@ class AgentCollector(Collector):
         if self._pushes is not None:
             yield from self._push_families(*self._pushes())
         report = self._report()
+        yield from _up_families(report)
         if report is None:
-            up = GaugeMetricFamily(f"{PREFIX}_up", "1 when the last cycle sampled every worker.")
-            up.add_metric([], 0)
-            yield up
             return
         yield from self._from_report(report)
 
@@ -99,11 +128,6 @@ class AgentCollector(Collector):
         )
 
     def _from_report(self, r: CycleReport) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            f"{PREFIX}_up",
-            "1 when the last cycle sampled every worker it found.",
-            value=1 if r.complete else 0,
-        )
         yield GaugeMetricFamily(
             f"{PREFIX}_masters", "Gunicorn masters being watched.", value=len(r.masters)
         )

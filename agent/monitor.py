@@ -19,12 +19,18 @@ from typing import Protocol
 
 from agent import locks, procfs
 from agent.analysis import IncidentBook, Tracker
+from agent.discovery import running
 from agent.errors import (
     ERROR_REASONS,
     AgentError,
     NativeUnwindFailed,
+    NotPython,
     ProcessVanished,
     PtraceDenied,
+    PySpyBadOutput,
+    PySpyFailed,
+    PySpyStopped,
+    PySpyTimeout,
 )
 from agent.incidents import IncidentStore
 from agent.remediation import Action, Remediator, Step, Verdict
@@ -134,8 +140,10 @@ class Monitor:
         remediator: Remediator | None = None,
         signaller: Signaller | None = None,
         remediation_listeners: Sequence[RemediationListener] = (),
+        alive: Callable[[WorkerRef], bool] = running,
     ) -> None:
         self.workers = workers
+        self.alive = alive
         if (stacks is None) == (sampler is None):
             raise ValueError("give a stack source or a sampler, not both")
         self.sampler = sampler
@@ -163,20 +171,35 @@ class Monitor:
         self._samples: Counter[str] = Counter()
         self._seconds: dict[str, float] = {}
         self._errors: Counter[str] = Counter(dict.fromkeys(SAMPLE_ERROR_REASONS, 0))
-        self._warned: set[tuple[str, int | None]] = set()
+        self._warned: set[str] = set()  # reasons already logged (bounded by the reasons)
 
-    def _error(self, err: AgentError) -> None:
+    def _error(self, err: AgentError, *, note: str = "") -> None:
         self._errors[err.reason] += 1
-        if isinstance(err, ProcessVanished):
-            log.debug("%s", err)
+        if isinstance(err, ProcessVanished) and not note:
+            log.debug("%s", err)  # a worker exiting is normal control flow
             return
-        # One line per (reason, pid): a persistent problem must not flood the log every second.
-        key = (err.reason, err.pid)
-        if key not in self._warned:
-            if len(self._warned) >= 1000:  # pids churn with every respawn: stay bounded
-                self._warned.clear()
-            self._warned.add(key)
-            (log.error if isinstance(err, PtraceDenied) else log.warning)("%s", err)
+        # One line per cause (reason): under churn every failure has a new pid, and a
+        # persistent problem must not flood the log every second. The counter counts them all.
+        if err.reason in self._warned:
+            log.debug("%s%s", err, note)
+            return
+        self._warned.add(err.reason)
+        (log.error if isinstance(err, PtraceDenied) else log.warning)(
+            "%s%s (logged once; deadlock_agent_sample_errors_total{reason=\"%s\"} counts "
+            "every one)", err, note, err.reason,
+        )  # fmt: skip
+
+    def _vanished(self, ref: WorkerRef, err: ProcessVanished) -> bool:
+        """A worker reported gone: forget it only when it really is (its pid not running, a
+        zombie, or another process's); True when forgotten. py-spy's "No such file or
+        directory" about a live worker (classify_failure) must not drop its state and its
+        open incident: that would resolve the incident and open it again."""
+        if self.alive(ref):
+            self._error(err, note=f"; but worker {ref.pid} is still running: its state is kept")
+            return False
+        self._error(err)
+        self._forget(ref)
+        return True
 
     def _timed(self, method: str, started: float) -> None:
         self._samples[method] += 1
@@ -195,8 +218,8 @@ class Monitor:
             try:
                 sample: ProcSample = self.scanner.scan(ref, now=self.clock())
             except ProcessVanished as err:
-                self._error(err)
-                self._forget(ref)
+                if not self._vanished(ref, err):
+                    complete = False
                 continue
             except AgentError as err:
                 self._error(err)
@@ -211,8 +234,20 @@ class Monitor:
             try:
                 self._dump(ref, kind)
             except ProcessVanished as err:
+                if not self._vanished(ref, err):
+                    complete = False
+            except (PySpyFailed, PySpyBadOutput, PySpyTimeout) as err:
+                if not isinstance(err, PySpyStopped) and not self.alive(ref):
+                    # The target exited mid-dump: py-spy's words for it vary ("Failed to find
+                    # a python interpreter in the .data section", truncated JSON, a hang).
+                    self._vanished(ref, ProcessVanished(f"exited during a dump: {err}",
+                                                        pid=ref.pid))  # fmt: skip
+                    continue
+                if isinstance(err, NotPython):
+                    # A non-Python process taken for a worker: no dump of it will ever work.
+                    self.tracker.no_stacks(ref)
                 self._error(err)
-                self._forget(ref)
+                complete = False
             except AgentError as err:
                 self._error(err)
                 complete = False

@@ -81,6 +81,26 @@ SYSCALL_NAMES: dict[str, dict[int, str]] = {
 }  # fmt: skip
 
 
+#: Syscalls that write to an fd: a thread blocked in one on a full pipe or socket can have its
+#: write cut short by a ptrace stop (py-spy's dump): ARCHITECTURE.md, "Side effects".
+WRITE_SYSCALLS = frozenset({"write", "writev", "sendto", "sendmsg"})
+
+
+def fd_kind(task_dir: str, syscall_text: str | None, name: str | None) -> str | None:
+    """For a thread blocked in a write-family syscall: what its fd (the first argument) is,
+    "pipe", "socket" or "other"; None for any other syscall or when it cannot be read."""
+    if name not in WRITE_SYSCALLS or not syscall_text:
+        return None
+    fields = syscall_text.split()
+    try:
+        target = os.readlink(f"{task_dir}/fd/{int(fields[1], 16)}")
+    except (OSError, ValueError, IndexError):
+        return None
+    if target.startswith("pipe:"):
+        return "pipe"
+    return "socket" if target.startswith("socket:") else "other"
+
+
 def timed_wait(number: int, args: list[str], machine: str = _MACHINE) -> bool:
     """Whether a blocking syscall waits with a timeout (not a sleep, not an untimed wait)."""
     if number == _RESTART.get(machine):
@@ -168,6 +188,7 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
     syscall_text = _read_optional(f"{task_dir}/syscall")
     wchan = _read_optional(f"{task_dir}/wchan")
     number, blocked_at, timed = parse_syscall(syscall_text) if syscall_text else (None, None, False)
+    name = syscall_name(number)
     return ThreadActivity(
         tid=tid,
         start_ticks=start_ticks,
@@ -179,7 +200,8 @@ def scan_thread(task_dir: str, tid: int, *, precise: bool = True) -> ThreadActiv
         wchan=(wchan.strip() or None) if wchan is not None and wchan.strip() != "0" else None,
         blocked_at=blocked_at,
         timed_wait=timed,
-        syscall_name=syscall_name(number),
+        syscall_name=name,
+        fd_kind=fd_kind(task_dir, syscall_text, name),
     )
 
 
@@ -194,9 +216,9 @@ class _Task:
         self.syscall_fd: int | None = None  # syscall, opened when it first runs
         self.raw = b""  # schedstat's bytes at the last look
         self.syscall_raw: bytes | None = None  # syscall's bytes at the last look, and parsed:
-        # (number, blocking point, timed, running, name)
-        self.syscall: tuple[int | None, str | None, bool, bool, str | None] = (
-            None, None, False, False, None,
+        # (number, blocking point, timed, running, name, fd kind of a blocked write)
+        self.syscall: tuple[int | None, str | None, bool, bool, str | None, str | None] = (
+            None, None, False, False, None, None,
         )  # fmt: skip
         self.activity = activity
 
@@ -402,13 +424,14 @@ class Scanner:
             if number == _RESTART.get(_MACHINE) and point == task.syscall[1]:
                 name = task.syscall[4]  # after a ptrace stop: the wait it resumes
             running = text is not None and text.startswith("running")
-            task.syscall = (number, point, timed, running, name)
-        number, blocked_at, timed, running, name = task.syscall
+            kind = fd_kind(task.path, text, name) if not running else None
+            task.syscall = (number, point, timed, running, name, kind)
+        number, blocked_at, timed, running, name, kind = task.syscall
         old = task.activity
         return ThreadActivity(
             tid=tid, start_ticks=old.start_ticks, comm=old.comm, state="R" if running else "S",
             cpu_ns=cpu_ns, runs=runs, syscall=number, wchan=None, blocked_at=blocked_at,
-            timed_wait=timed, syscall_name=name,
+            timed_wait=timed, syscall_name=name, fd_kind=kind,
         )  # fmt: skip
 
     def _read_syscall(self, task: _Task) -> bytes | None:

@@ -17,11 +17,13 @@ from typing import Any, Protocol
 
 from agent.errors import (
     NativeUnwindFailed,
+    NotPython,
     ProcessVanished,
     PtraceDenied,
     PySpyBadOutput,
     PySpyFailed,
     PySpyMissing,
+    PySpyStopped,
     PySpyTimeout,
 )
 from agent.types import Frame, StackSnapshot, ThreadStack, WorkerRef
@@ -50,7 +52,10 @@ class Runner(Protocol):
 def run_with_timeout(
     argv: Sequence[str], *, timeout: float, stop: threading.Event | None = None
 ) -> tuple[int, str, str]:
-    """Run argv, killing it past `timeout` (py-spy can hang in waitpid) or when `stop` is set."""
+    """Run argv, killing it past `timeout` (py-spy can hang in waitpid) or when `stop` is set
+    (PySpyStopped: the agent is stopping; nothing is started once it is set)."""
+    if stop is not None and stop.is_set():
+        raise PySpyStopped("the agent is stopping; py-spy not started")
     try:
         child = subprocess.Popen(
             list(argv),
@@ -64,11 +69,17 @@ def run_with_timeout(
         )
     except FileNotFoundError as err:
         raise PySpyMissing(f"cannot run {argv[0]!r}: not found") from err
+    except PermissionError as err:  # not executable (any more), or a directory in its way
+        raise PySpyMissing(f"cannot run {argv[0]!r}: {err.strerror}") from err
+    except OSError as err:  # ENOEXEC (no #! line), ENOMEM, EAGAIN: nothing a retry will not tell
+        raise PySpyFailed(f"cannot run {argv[0]!r}: {err.strerror}") from err
     deadline = time.monotonic() + timeout
     try:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
+                raise PySpyStopped("the agent is stopping; py-spy cut short")
+            if remaining <= 0:
                 raise PySpyTimeout(f"py-spy did not finish within {timeout:g}s; killed")
             try:
                 out, err_text = child.communicate(timeout=min(remaining, 0.1))
@@ -181,6 +192,8 @@ def classify_failure(stderr: str, *, pid: int) -> Exception:
         return PtraceDenied(f"py-spy was denied access: {text}", pid=pid)
     if any(marker in lowered for marker in _VANISHED_MARKERS):
         return ProcessVanished(f"py-spy: {text}", pid=pid)
+    if "failed to find python version" in lowered:  # py-spy 0.3 and 0.4
+        return NotPython(f"py-spy: {text}", pid=pid)
     if "unw_" in lowered:  # libunwind: "UNW_EINVAL", "UNW_EBADREG" on greenlet stacks
         return NativeUnwindFailed(f"py-spy could not unwind native frames: {text}", pid=pid)
     return PySpyFailed(f"py-spy failed: {text or 'no output'}", pid=pid)

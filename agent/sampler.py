@@ -118,7 +118,13 @@ class Sampler:
         return errors
 
     def retain(self, workers: Iterable[WorkerRef]) -> None:
-        """Drop state of workers no longer watched."""
+        """Drop state of workers no longer watched (and the levels of masters gone)."""
+        if not isinstance(workers, tuple):
+            workers = tuple(workers)
+        if self._levels:
+            masters = {w.master_pid for w in workers}
+            for gone in [m for m in self._levels if m not in masters]:
+                del self._levels[gone]
         self.scanner.retain(workers)
         if self.probe is not None:
             self.probe.retain(workers)

@@ -35,6 +35,9 @@ class ThreadActivity:
     # The syscall's name ("poll", "recvfrom", "futex"...; the one restarted, not
     # "restart_syscall", after a ptrace stop), when procfs knows it.
     syscall_name: str | None = None
+    # What the fd of a blocked write(2)/writev/sendto/sendmsg is: "pipe", "socket", or "other"
+    # (procfs reads /proc/PID/fd/N only for those syscalls). None for every other wait.
+    fd_kind: str | None = None
 
 
 @dataclass(frozen=True)

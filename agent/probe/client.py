@@ -90,7 +90,10 @@ class ProbeClient:
         self.retain(())
 
     def _known(self) -> set[WorkerRef]:
-        return set(self._connections) | set(self._answered_ns) | set(self._names)
+        return (
+            set(self._connections) | set(self._answered_ns) | set(self._names)
+            | set(self._probe_ident)
+        )
 
     def _drop(self, worker: WorkerRef) -> None:
         connection = self._connections.pop(worker, None)

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.integration
 def test_signal_exits_cleanly_within_two_seconds(tmp_path: Path, signum: int) -> None:
     agent = AgentProcess(tmp_path, ["--interval", "1"])
     try:
-        agent.wait_for("first cycle", lambda m: m.value("deadlock_agent_up") == 1, timeout=15)
+        # Up or not (there may be no gunicorn on this host): a cycle finished.
+        agent.wait_for("first cycle", lambda m: m.value(
+            "deadlock_agent_last_sample_timestamp_seconds") is not None, timeout=15)
         started = time.monotonic()
         agent.proc.send_signal(signum)
         code = agent.proc.wait(timeout=10)

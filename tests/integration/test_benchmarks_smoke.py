@@ -1,6 +1,6 @@
 """The live benchmarks still run: each script with --smoke, as a real subprocess, end to end
 (real PostgreSQL, gunicorn and agent), printing its table. Their figures are the benchmarks'
-business; here only that they run and report (about 2 minutes for all six)."""
+business; here only that they run and report (about 2.5 minutes for all seven)."""
 
 from __future__ import annotations
 
@@ -99,4 +99,18 @@ def test_probe_overhead_smoke(tmp_path: Path) -> None:
     for line in ("throughput with/without", "probe thread CPU per request",
                  "client round trip p50", "goal: throughput with/without >= 0.99 -> ",
                  "goal: worker CPU per request with/without <= 1.01 -> "):  # fmt: skip
+        assert line in out, f"{line!r} missing from:\n{out}"
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    out = run_smoke("soak.py", tmp_path)
+    assert "soak: 0.3 min (20 s), gunicorn gthread 2x4 --max-requests 3" in out, out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+-?\d+\s+(\d+)\s+[\d.]+\s+[\d.]+\s+(\d+)\s",
+                      out, re.MULTILINE)  # fmt: skip
+    assert len(rows) >= 3, out  # a line every 5 s
+    assert int(rows[-1][2]) > 10, out  # workers seen: the churn happened
+    assert all(stale == "0" for *_, stale in rows), out  # no dead worker's series kept
+    assert re.search(r"hangs injected: 1; incidents: [1-9]", out), out  # caught under churn
+    for line in ("respawns: ", "internal errors: 0",
+                 "stale worker_state series at the end: 0", "RSS: ", "verdict: RSS "):  # fmt: skip
         assert line in out, f"{line!r} missing from:\n{out}"

@@ -149,7 +149,7 @@ DOCUMENTED = documented_metrics()
 
 def test_readme_table_was_found() -> None:
     names = [d.name for d in DOCUMENTED]
-    assert len(names) == 26
+    assert len(names) == 27
     assert "deadlock_agent_up" in names
     assert "deadlock_agent_deadlocks_detected_total" in names
 
@@ -238,7 +238,8 @@ def test_deadlocked_workers_and_incidents_per_signature() -> None:
 
 def test_empty_cycle_has_zero_valued_series() -> None:
     get = registry_for(report(masters=())).get_sample_value
-    assert get("deadlock_agent_up") == 1
+    assert get("deadlock_agent_up") == 0  # watching nothing is not up
+    assert get("deadlock_agent_down_reason", {"reason": "no_master"}) == 1
     assert get("deadlock_agent_masters") == 0
     for state in ("ok", "stuck", "deadlocked"):
         assert get("deadlock_agent_workers", {"state": state}) == 0
@@ -282,7 +283,8 @@ def test_up_is_0_without_a_report() -> None:
     ) == 1
     # Notification and push counts exist from the start: neither waits for a cycle.
     assert {name for name, _, _ in samples(registry)} == {
-        "deadlock_agent_up", "deadlock_agent_build_info", "deadlock_agent_notifications_total",
+        "deadlock_agent_up", "deadlock_agent_down_reason", "deadlock_agent_build_info",
+        "deadlock_agent_notifications_total",
         "deadlock_agent_pushes_total", "deadlock_agent_last_push_timestamp_seconds",
     }  # fmt: skip
 
@@ -290,6 +292,8 @@ def test_up_is_0_without_a_report() -> None:
 def test_up_is_0_when_the_cycle_was_incomplete() -> None:
     get = registry_for(report(complete=False, workers=[worker(101)])).get_sample_value
     assert get("deadlock_agent_up") == 0
+    assert get("deadlock_agent_down_reason", {"reason": "sample_errors"}) == 1
+    assert get("deadlock_agent_down_reason", {"reason": "no_master"}) == 0
     assert get("deadlock_agent_workers", {"state": "ok"}) == 1  # what was sampled still counts
 
 

@@ -23,11 +23,13 @@ import pytest
 from packaging.requirements import Requirement
 
 from agent.errors import (
+    NotPython,
     ProcessVanished,
     PtraceDenied,
     PySpyBadOutput,
     PySpyFailed,
     PySpyMissing,
+    PySpyStopped,
     PySpyTimeout,
 )
 from agent.pyspy import PySpy, classify_failure, interpreter_dirs, parse_dump, run_with_timeout
@@ -212,8 +214,8 @@ FAILURES = [
      ProcessVanished, "vanished"),
     (VANISHED, ProcessVanished, "vanished"),
     ("Error: No such process (os error 3)\n", ProcessVanished, "vanished"),
-    ("Error: Failed to find python version from target process\n", PySpyFailed, "pyspy_failed"),
-    (NOT_PYTHON, PySpyFailed, "pyspy_failed"),
+    ("Error: Failed to find python version from target process\n", NotPython, "not_python"),
+    (NOT_PYTHON, NotPython, "not_python"),
     ("", PySpyFailed, "pyspy_failed"),
 ]  # fmt: skip
 
@@ -459,7 +461,7 @@ def test_run_with_timeout_stop_already_set() -> None:
     stop = threading.Event()
     stop.set()
     started = time.monotonic()
-    with pytest.raises(PySpyTimeout):
+    with pytest.raises(PySpyStopped, match="not started"):
         run_with_timeout(["sleep", "30"], timeout=30, stop=stop)
     assert time.monotonic() - started < 2.0
     assert new_children(before) == []
@@ -472,12 +474,26 @@ def test_run_with_timeout_stop_set_while_running() -> None:
     timer.start()
     started = time.monotonic()
     try:
-        with pytest.raises(PySpyTimeout):
+        with pytest.raises(PySpyStopped, match="cut short") as caught:
             run_with_timeout(["sleep", "30"], timeout=30, stop=stop)
+        assert caught.value.reason == "stopped"
     finally:
         timer.cancel()
     assert 0.15 < time.monotonic() - started < 2.0
     assert new_children(before) == []
+
+
+def test_run_with_timeout_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "py-spy"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    with pytest.raises(PySpyMissing, match="ermission denied") as caught:
+        run_with_timeout([str(script), "dump"], timeout=5)
+    assert caught.value.reason == "pyspy_missing"
+    (tmp_path / "no-shebang").write_bytes(b"\x7fELFgarbage")
+    (tmp_path / "no-shebang").chmod(0o755)
+    with pytest.raises(PySpyFailed, match="cannot run"):
+        run_with_timeout([str(tmp_path / "no-shebang"), "dump"], timeout=5)
 
 
 def test_run_with_timeout_missing_executable(tmp_path: Path) -> None:
