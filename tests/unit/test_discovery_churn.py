@@ -89,15 +89,16 @@ def test_only_forks_of_the_master_are_workers_and_others_are_pruned(
         assert masters == (os.getpid(),)
         pids = {ref.pid for ref in refs}
         assert forked in pids and helper.pid not in pids
-        assert [r.getMessage() for r in caplog.records if "no gunicorn worker" in r.getMessage()
+        # (pytest's process may have other non-Python children of its own under CI.)
+        assert [r.getMessage() for r in caplog.records if f"pid {helper.pid}," in r.getMessage()
                 ] == [f"pid {helper.pid}, a child of gunicorn master {os.getpid()}, is no gunicorn "
                       "worker (another program); not watched"]  # fmt: skip
-        assert set(discovery._others) == {helper.pid}
+        assert helper.pid in discovery._others
     finally:
         helper.kill()
         helper.wait()
     discovery.workers()
-    assert discovery._others == {}  # gone: nothing kept for its pid
+    assert helper.pid not in discovery._others  # gone: nothing kept for its pid
     assert set(discovery._refs) <= {forked} | {p.pid for p in psutil.Process().children()}
 
 
