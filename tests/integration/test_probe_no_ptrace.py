@@ -123,6 +123,20 @@ def test_seed_hang_found_by_the_probe_when_ptrace_is_denied(
                 and (m.value("deadlock_agent_workers", state="ok") or 0) >= 2,
                 timeout=30,
             )
+            # The healthy twin first, through the probe: the same frames (psycopg2.connect over
+            # TLS, the harvest thread's SSLSocket.do_handshake) on a busy app that works, for
+            # twice --stuck-after. Nothing may be called stuck or deadlocked.
+            app.traffic(["/db", "/slow?seconds=2"], concurrency=8)
+            healthy_until = time.monotonic() + 2 * STUCK_AFTER
+            while time.monotonic() < healthy_until:
+                m = agent.scrape()
+                assert (m.value("deadlock_agent_workers", state="deadlocked") or 0) == 0, m
+                assert (m.value("deadlock_agent_workers", state="stuck") or 0) == 0, m
+                time.sleep(0.5)
+            assert agent.get_json("/incidents") == [], agent.log()[-3000:]
+            app.stop_traffic()
+            assert app.results.get(200, 0) >= 8, app.results  # it really served, busily
+            assert (agent.scrape().value("deadlock_agent_samples_total", method="probe") or 0) > 1
             app.database.stall()
             app.harvest.stall()
             fault_at = time.monotonic()
