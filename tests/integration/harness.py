@@ -70,6 +70,9 @@ class Scraper:
         started = time.monotonic()
         last: Metrics | None = None
         while time.monotonic() - started < timeout:
+            exited = self.exited()
+            if exited is not None:
+                raise AssertionError(f"{exited}:\n{self.log()[-3000:]}")
             with contextlib.suppress(OSError):
                 last = self.scrape()
                 if check(last):
@@ -80,8 +83,12 @@ class Scraper:
             f"{_interesting(last)}\nlog:\n{self.log()[-3000:]}"
         )
 
+    def exited(self) -> str | None:
+        """Why waiting is pointless (the agent's process is gone), or None."""
+        return None
 
-class AgentProcess:
+
+class AgentProcess(Scraper):
     """`python -m agent watch ...` as a real subprocess, with its log kept for failures."""
 
     def __init__(
@@ -114,29 +121,10 @@ class AgentProcess:
         with urllib.request.urlopen(self.url + path, timeout=5) as response:
             return json.loads(response.read())
 
-    def scrape(self) -> Metrics:
-        """GET /metrics and parse it."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
-            return parse_metrics(response.read().decode())
-
-    def wait_for(
-        self, what: str, check: Callable[[Metrics], bool], timeout: float, every: float = 0.25
-    ) -> tuple[Metrics, float]:
-        """Scrape until check() holds; return the scrape and how long it took."""
-        started = time.monotonic()
-        last: Metrics | None = None
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            with contextlib.suppress(OSError):
-                last = self.scrape()
-                if check(last):
-                    return last, time.monotonic() - started
-            time.sleep(every)
-        raise AssertionError(
-            f"timed out after {timeout:g}s waiting for {what}; last scrape:\n"
-            f"{_interesting(last)}\nagent log:\n{self.log()[-3000:]}"
-        )
+    def exited(self) -> str | None:
+        """The agent's exit, if it has exited."""
+        code = self.proc.poll()
+        return None if code is None else f"agent exited {code}"
 
     def stop(self) -> int | None:
         """SIGTERM; returns the exit code (None if it had to be killed)."""
