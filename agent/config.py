@@ -83,20 +83,22 @@ def http_url(text: str) -> str:
     return text.strip()
 
 
-def sampler_mode(text: str) -> str:
-    """auto, py-spy or probe."""
-    lowered = text.strip().lower()
-    if lowered not in ("auto", "py-spy", "probe"):
-        raise ValueError("must be auto, py-spy or probe")
-    return lowered
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A parser for one of `choices`, case-insensitively."""
+    allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be {allowed}")
+        return lowered
+
+    parse.__doc__ = allowed
+    return parse
 
 
-def remediate_mode(text: str) -> str:
-    """off, dry-run or kill."""
-    lowered = text.strip().lower()
-    if lowered not in {m.value for m in Mode}:
-        raise ValueError("must be off, dry-run or kill")
-    return lowered
+sampler_mode = one_of("auto", "py-spy", "probe")
+remediate_mode = one_of(*(m.value for m in Mode))
 
 
 def non_empty(text: str) -> str:
