@@ -9,7 +9,7 @@ to a real PostgreSQL 15 with ssl=on and a real HTTPS collector, watched by `dead
 --web.worker-labels` as a real process. --first-hang seconds in, then every --hang-every
 seconds, the seed hang is injected (database and collector stalled, 16 clients on /db) and
 healed --hang-for seconds later. One line
-per minute (per 5 s with --smoke) on stdout: the agent's RSS, worker respawns a second,
+per minute (per 5 s with --smoke) on stdout: the agent's RSS, worker respawns a second, its CPU,
 sample_errors_total by reason, incidents opened, stale worker_state series. Then a verdict: RSS
 growth in the last third against the first third. Progress goes to stderr. Exit 0 whatever the
 verdict (this is a measurement); non-zero only when the run itself failed.
@@ -50,6 +50,7 @@ class Row:
 
     at: float
     rss: int
+    cpu: float  # CPU seconds so far: the agent's user + system, and its py-spy runs'
     respawns: int
     errors: dict[str, float]
     incidents: float
@@ -76,7 +77,7 @@ class Churn:
                 now = {p.pid for p in psutil.Process(self.master).children()}
             except psutil.NoSuchProcess:
                 return
-            at = time.monotonic()
+            at = time.time()  # wall clock, to compare with the agent's cycle timestamps
             for pid in self.seen - now:
                 self.dead.setdefault(pid, at)
             self.seen |= now
@@ -85,8 +86,13 @@ class Churn:
         self._stop.set()
 
     def stale(self, m: Metrics, grace: float = 3.0) -> int:
-        """worker_state series of pids gone for more than `grace` seconds."""
-        cutoff = time.monotonic() - grace
+        """worker_state series of pids that were gone more than `grace` seconds before the cycle
+        that reported them began (a worker that dies during a cycle, or while the last cycle's
+        report is being scraped, is reported by that cycle: that is lag, not stale state)."""
+        finished = m.value("deadlock_agent_last_sample_timestamp_seconds")
+        duration = m.value("deadlock_agent_cycle_duration_seconds") or 0.0
+        began = (finished if finished is not None else time.time()) - duration
+        cutoff = began - grace
         pids = {int(dict(labels)["pid"]) for labels in m.series("deadlock_agent_worker_state")}
         return sum(1 for pid in pids if self.dead.get(pid, cutoff + 1) < cutoff)
 
@@ -185,12 +191,15 @@ def heal(app: App, hang: threading.Event) -> threading.Event:
 
 def measure(agent: AgentProcess, churn: Churn, at: float) -> Row:
     """One line's worth: the agent's RSS and what its /metrics say."""
-    rss = psutil.Process(agent.proc.pid).memory_info().rss
+    proc = psutil.Process(agent.proc.pid)
+    rss = proc.memory_info().rss
+    times = proc.cpu_times()
     m = agent.scrape()
     incidents = sum(m.series("deadlock_agent_hangs_detected_total").values()) + value(
         m, "deadlock_agent_deadlocks_detected_total", signature="none")  # fmt: skip
     workers = sum(m.series("deadlock_agent_workers").values())
-    return Row(at, rss, len(churn.seen), errors_of(m), incidents, churn.stale(m), workers)
+    cpu = times.user + times.system + times.children_user + times.children_system  # + py-spy
+    return Row(at, rss, cpu, len(churn.seen), errors_of(m), incidents, churn.stale(m), workers)
 
 
 def print_header(
@@ -205,7 +214,8 @@ def print_header(
         f"a line every {every:g}s"
     )
     print(f"{'t (s)':>7} {'RSS (MB)':>9} {'d RSS (KB)':>10} {'workers seen':>12} "
-          f"{'respawn/s':>9} {'incidents':>9} {'stale':>5}  sample errors by reason")  # fmt: skip
+          f"{'respawn/s':>9} {'CPU %':>6} {'incidents':>9} {'stale':>5}  "
+          "sample errors by reason")  # fmt: skip
     sys.stdout.flush()
 
 
@@ -213,9 +223,11 @@ def print_row(row: Row, rows: list[Row]) -> None:
     previous = rows[-2] if len(rows) > 1 else row
     span = row.at - previous.at
     rate = (row.respawns - previous.respawns) / span if span > 0 else 0.0
+    cpu = 100 * (row.cpu - previous.cpu) / span if span > 0 else 0.0
     errors = ", ".join(f"{k}={v:g}" for k, v in sorted(row.errors.items()) if v) or "none"
     print(f"{row.at:>7.0f} {row.rss / 1e6:>9.2f} {(row.rss - previous.rss) / 1e3:>10.0f} "
-          f"{row.respawns:>12} {rate:>9.2f} {row.incidents:>9g} {row.stale:>5}  {errors}",
+          f"{row.respawns:>12} {rate:>9.2f} {cpu:>6.2f} {row.incidents:>9g} {row.stale:>5}  "
+          f"{errors}",
           flush=True)  # fmt: skip
 
 
@@ -229,6 +241,12 @@ def growth(rows: list[Row]) -> float:
     var = sum((r.at - mean_t) ** 2 for r in rows)
     cov = sum((r.at - mean_t) * (r.rss - mean_r) for r in rows)
     return (cov / var) * 60 / 1e3 if var else 0.0
+
+
+def cpu_share(rows: list[Row]) -> float:
+    """The agent's CPU (py-spy's included) over `rows`, in % of one core."""
+    span = rows[-1].at - rows[0].at
+    return 100 * (rows[-1].cpu - rows[0].cpu) / span if span > 0 else 0.0
 
 
 def print_verdict(rows: list[Row], hangs: int) -> None:
@@ -246,6 +264,9 @@ def print_verdict(rows: list[Row], hangs: int) -> None:
           f"stale worker_state series at the end: {final.stale}")  # fmt: skip
     print(f"RSS: {rows[0].rss / 1e6:.2f} MB -> {final.rss / 1e6:.2f} MB; growth first third "
           f"{first:+.1f} KB/min, last third {last:+.1f} KB/min")  # fmt: skip
+    head, tail = rows[:third], rows[-third:]
+    print(f"agent CPU (% of one core): first third {cpu_share(head):.2f}, last third "
+          f"{cpu_share(tail):.2f}, whole run {cpu_share(rows):.2f}")  # fmt: skip
     flat = last <= 20.0 or last <= first / 2
     print(f"verdict: RSS {'levels off' if flat else 'keeps growing'} -> "
           f"{'OK' if flat else 'LEAK?'}", flush=True)  # fmt: skip

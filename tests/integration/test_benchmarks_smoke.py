@@ -105,12 +105,14 @@ def test_probe_overhead_smoke(tmp_path: Path) -> None:
 def test_soak_smoke(tmp_path: Path) -> None:
     out = run_smoke("soak.py", tmp_path)
     assert "soak: 0.3 min (20 s), gunicorn gthread 2x4 --max-requests 3" in out, out
-    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+-?\d+\s+(\d+)\s+[\d.]+\s+[\d.]+\s+(\d+)\s",
-                      out, re.MULTILINE)  # fmt: skip
+    # t, RSS, d RSS, workers seen, respawn/s, CPU %, incidents, stale
+    row = r"^\s+(\d+)\s+([\d.]+)\s+-?\d+\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)\s"
+    rows = re.findall(row, out, re.MULTILINE)
     assert len(rows) >= 3, out  # a line every 5 s
     assert int(rows[-1][2]) > 10, out  # workers seen: the churn happened
     assert all(stale == "0" for *_, stale in rows), out  # no dead worker's series kept
     assert re.search(r"hangs injected: 1; incidents: [1-9]", out), out  # caught under churn
     for line in ("respawns: ", "internal errors: 0",
-                 "stale worker_state series at the end: 0", "RSS: ", "verdict: RSS "):  # fmt: skip
+                 "stale worker_state series at the end: 0", "RSS: ",
+                 "agent CPU (% of one core): ", "verdict: RSS "):  # fmt: skip
         assert line in out, f"{line!r} missing from:\n{out}"
