@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,8 +53,8 @@ class Served:
 
 @contextlib.contextmanager
 def serve(tmp_path: Path, worker_class: str, threads: int = 4) -> Iterator[Served]:
-    probes = tmp_path / "probes"
-    probes.mkdir()
+    # Sockets go in a short directory: a socket path holds at most 107 bytes.
+    probes = Path(tempfile.mkdtemp(prefix="da-probes-", dir="/tmp"))
     silent = socket.create_server(("127.0.0.1", 0))
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = probe_environ({**os.environ, "PYTHONPATH": pythonpath}, str(probes))
@@ -76,6 +78,7 @@ def serve(tmp_path: Path, worker_class: str, threads: int = 4) -> Iterator[Serve
             conn.close()
         gunicorn.stop()
         silent.close()
+        shutil.rmtree(probes, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -145,9 +145,10 @@ print(json.dumps({"who": "master", "threads": len(os.listdir("/proc/self/task"))
 
 def run_driver(
     tmp_path: Path, *, extra: dict[str, str] | None = None, user_site: str | None = None,
-    app_dir: str | None = None,
+    app_dir: str | None = None, sockets: Path | None = None,
 ) -> tuple[dict[str, dict[str, object]], str]:  # fmt: skip
-    """Run DRIVER under the probe environment; ({who: report}, stderr)."""
+    """Run DRIVER under the probe environment, its probe sockets in `sockets` (default
+    tmp_path/sockets); ({who: report}, stderr)."""
     fake = tmp_path / "fake"
     (fake / "gunicorn").mkdir(parents=True, exist_ok=True)
     (fake / "gunicorn" / "__init__.py").write_text("")
@@ -159,7 +160,7 @@ def run_driver(
         (user / "sitecustomize.py").write_text(user_site)
         paths.append(str(user))
     paths.append(str(ROOT))
-    sockets = tmp_path / "sockets"
+    sockets = sockets or tmp_path / "sockets"
     sockets.mkdir(exist_ok=True)
     env = probe_environ({**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, str(sockets))
     env.update(extra or {})
@@ -174,16 +175,16 @@ def run_driver(
 
 
 def test_probe_only_in_the_spawned_worker_and_nothing_heavy_in_the_master(
-    tmp_path: Path,
+    tmp_path: Path, short_tmp_path: Path
 ) -> None:
-    reports, stderr = run_driver(tmp_path)
+    reports, stderr = run_driver(tmp_path, sockets=short_tmp_path)
     assert reports["worker"] == {"socket": True}, stderr
     assert reports["grandchild"] == {"socket": False}  # a worker's own fork: no probe
     assert reports["plain-fork"] == {"socket": False}  # not spawn_worker (daemonize, re-exec)
     assert reports["master"] == {"threads": 1, "heavy": []}
     assert stderr == ""
     # One socket, the worker's (left behind: os._exit skips atexit; the live test exits cleanly).
-    assert len(list((tmp_path / "sockets").glob("*.sock"))) == 1
+    assert len(list(short_tmp_path.glob("*.sock"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -217,16 +218,18 @@ def test_an_apps_own_agent_package_wins_over_ours_and_no_probe_starts(tmp_path: 
     assert "the app agent imported" not in stderr
 
 
-def test_user_sitecustomize_runs_too(tmp_path: Path) -> None:
+def test_user_sitecustomize_runs_too(tmp_path: Path, short_tmp_path: Path) -> None:
     user = 'import sys\nprint(\'{"who": "user-sitecustomize"}\', flush=True)\n'
-    reports, stderr = run_driver(tmp_path, user_site=user)
+    reports, stderr = run_driver(tmp_path, user_site=user, sockets=short_tmp_path)
     assert "user-sitecustomize" in reports
     assert reports["worker"] == {"socket": True}, stderr
 
 
-def test_failing_user_sitecustomize_is_reported_as_python_would(tmp_path: Path) -> None:
+def test_failing_user_sitecustomize_is_reported_as_python_would(
+    tmp_path: Path, short_tmp_path: Path
+) -> None:
     failing = "raise ValueError('broken user sitecustomize')\n"
-    reports, stderr = run_driver(tmp_path, user_site=failing)
+    reports, stderr = run_driver(tmp_path, user_site=failing, sockets=short_tmp_path)
     assert stderr == (
         "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
         "ValueError: broken user sitecustomize\n"
@@ -240,9 +243,9 @@ def test_failing_user_sitecustomize_is_reported_as_python_would(tmp_path: Path) 
     assert reports["worker"] == {"socket": True}
 
 
-def test_bootstrap_failure_in_the_hook_is_one_line(tmp_path: Path) -> None:
+def test_bootstrap_failure_in_the_hook_is_one_line(tmp_path: Path, short_tmp_path: Path) -> None:
     # A probe directory that does not exist: the worker cannot listen; the app goes on.
-    reports, stderr = run_driver(tmp_path, extra={ENV_DIR: str(tmp_path / "missing")})
+    reports, stderr = run_driver(tmp_path, extra={ENV_DIR: str(short_tmp_path / "missing")})
     assert reports["worker"] == {"socket": False}
     assert "grandchild" in reports
     assert len(stderr.splitlines()) == 1, stderr
