@@ -60,10 +60,14 @@ class Row:
 
 @dataclass
 class Churn:
-    """Watches the master's children from outside: every worker pid ever seen, and which died."""
+    """Watches the master's children from outside: every worker ever seen, and which died.
+
+    Workers are (pid, start time): over a long soak pids wrap (pid_max is 32768 on many
+    machines, and every request to /db forks a PostgreSQL backend), and a new worker on an old
+    pid is neither the same respawn nor a dead worker's series."""
 
     master: int
-    seen: set[int] = field(default_factory=set)
+    seen: set[tuple[int, float]] = field(default_factory=set)
     dead: dict[int, float] = field(default_factory=dict)  # pid -> when first seen gone
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -72,15 +76,23 @@ class Churn:
         return self
 
     def _run(self) -> None:
+        alive: set[int] = set()
         while not self._stop.wait(0.1):
             try:
-                now = {p.pid for p in psutil.Process(self.master).children()}
+                kids = psutil.Process(self.master).children()
             except psutil.NoSuchProcess:
                 return
             at = time.time()  # wall clock, to compare with the agent's cycle timestamps
-            for pid in self.seen - now:
+            now = set()
+            for kid in kids:
+                with contextlib.suppress(psutil.Error):
+                    self.seen.add((kid.pid, kid.create_time()))
+                    now.add(kid.pid)
+            for pid in alive - now:
                 self.dead.setdefault(pid, at)
-            self.seen |= now
+            for pid in now:
+                self.dead.pop(pid, None)  # alive again: a new worker on a reused pid
+            alive = now
 
     def stop(self) -> None:
         self._stop.set()
